@@ -1,0 +1,1 @@
+"""grain input pipelines, image/text transforms, tokenizers and built-in synthetic data."""

@@ -1,0 +1,175 @@
+"""Building blocks shared by the vision tower, the decoder and the connectors.
+
+Every parameter is created with logical axis names (see DESIGN.md, "Logical axes") so that
+`lvlm_jax.sharding` can map it to a mesh without knowing the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name: str | Dtype) -> Dtype:
+    """Maps a config string ('float32', 'bfloat16') to a jnp dtype."""
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    return name
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# The exact forms matter for parity with the reference implementations: CLIP uses quick GELU,
+# LLaVA's projector the exact erf GELU, SigLIP and Gemma the tanh approximation.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def param_init(init: Callable, names: Sequence[str | None]) -> Callable:
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(
+    features: int | Sequence[int],
+    kernel_axes: Sequence[str | None],
+    *,
+    axis: int | Sequence[int] = -1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    kernel_init: Callable | None = None,
+) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel (and bias, on the output axes) carry logical names."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=param_init(kernel_init or nn.initializers.lecun_normal(), kernel_axes),
+        bias_init=param_init(nn.initializers.zeros_init(), tuple(kernel_axes)[-n_out:]),
+        precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `offset=1.0` gives Gemma's (1 + w) form with zero-initialised weights."""
+
+    eps: float = 1e-6
+    offset: float = 0.0
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
+        w = self.param("scale", param_init(init, (self.axis_name,)), (x.shape[-1],),
+                       self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            # Gemma multiplies in float32 and casts afterwards.
+            return (y * (self.offset + w.astype(jnp.float32))).astype(self.dtype)
+        # Llama casts to the input dtype before the weight multiply.
+        return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logically named scale and bias."""
+
+    eps: float = 1e-5
+    axis_name: str = "vision_embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", param_init(nn.initializers.ones_init(), (self.axis_name,)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", param_init(nn.initializers.zeros_init(), (self.axis_name,)),
+                          (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in the 'rotate half' layout used by HF Llama/Qwen2/Gemma checkpoints.
+
+    x: [batch, len, heads, head_dim]; positions: [batch, len] integer positions.
+    """
+    inv_freq = rope_frequencies(x.shape[-1], theta)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+# Named rematerialization policies, as in MaxText: tags are set with checkpoint_name in the blocks.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no remat at all
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj",
+                                                                   "value_proj"),
+    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attn_out", "out_proj"),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def maybe_remat(block_cls: type[nn.Module], policy_name: str, scanned: bool) -> type[nn.Module]:
+    """Wraps a block class in nn.remat under a named policy ('none' leaves it alone)."""
+    if policy_name == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=remat_policy(policy_name), prevent_cse=not scanned)
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, tuple(names))

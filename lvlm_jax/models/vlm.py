@@ -1,0 +1,218 @@
+"""The assembled LVLM: pixels -> vision -> connector -> merged into the token stream -> decoder.
+
+Images are spliced into the token embeddings at the image-placeholder positions (any number of
+images per row, interleaved with text: the k-th placeholder of a row takes the k-th image token of
+that row's images, in order), or, for the cross-attention connector, attended to from inside the
+decoder. Pixels are [batch, images, height, width, channels] floats, already normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvlm_jax.models import layers
+from lvlm_jax.models.config_utils import from_dict
+from lvlm_jax.models.connectors import ConnectorConfig, Projector, Resampler, connector_config
+from lvlm_jax.models.language import Decoder, LanguageConfig, init_cache, language_config
+from lvlm_jax.models.vision import VisionConfig, VisionEncoder, vision_config
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    vision: VisionConfig
+    language: LanguageConfig
+    connector: ConnectorConfig
+    image_token_id: int = 0  # the placeholder id (projector/resampler) or media marker (xattn)
+    prefix_lm: bool = False  # PaliGemma: image + prompt attend bidirectionally
+
+    @property
+    def image_tokens(self) -> int:
+        """Placeholder tokens per image in the input ids (0 for cross-attention)."""
+        if self.connector.kind == "projector":
+            return self.vision.num_tokens
+        if self.connector.kind == "resampler":
+            return self.connector.num_queries
+        return 0
+
+    @property
+    def decoder_config(self) -> LanguageConfig:
+        if self.connector.kind != "cross_attention":
+            return self.language
+        media_dim = (self.connector.width if self.connector.num_queries
+                     else self.vision.width)
+        return dataclasses.replace(self.language, media_dim=media_dim,
+                                   cross_attention_every=self.connector.cross_attention_every)
+
+
+def vlm_config(values: Mapping[str, Any]) -> VLMConfig:
+    """A VLMConfig from a nested dict / ConfigDict: {vision, language, connector, ...}.
+
+    `vision` and `language` may name a `preset` (e.g. 'clip_l14_336', 'llama2_7b') plus overrides.
+    """
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    values = dict(values)
+    sub = {}
+    for key, build in (("vision", vision_config), ("language", language_config)):
+        d = dict(values.pop(key, {}) or {})
+        preset = d.pop("preset", None)
+        sub[key] = build(preset, **d)
+    sub["connector"] = connector_config(**dict(values.pop("connector", {}) or {}))
+    return from_dict(VLMConfig, dict(values, **sub), where="model")
+
+
+def default_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at the start of every segment (packed rows)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def merge_image_features(embeds: Array, input_ids: Array, features: Array,
+                         image_token_id: int) -> Array:
+    """Puts the k-th image token of each row at the row's k-th placeholder.
+
+    embeds [b, t, d]; features [b, images, tokens, d] -> [b, t, d].
+    """
+    b, n, m, d = features.shape
+    flat = features.reshape(b, n * m, d).astype(embeds.dtype)
+    is_img = input_ids == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, n * m - 1)
+    gathered = jnp.take_along_axis(flat, slot[..., None], axis=1)
+    return jnp.where(is_img[..., None], gathered, embeds)
+
+
+def media_ids_from_markers(input_ids: Array, marker_id: int) -> Array:
+    """For cross-attention: each token attends to the most recent image before it (-1: none)."""
+    return jnp.cumsum(input_ids == marker_id, axis=1) - 1
+
+
+class VLM(nn.Module):
+    """The whole model. `__call__` returns (logits or hidden states, new KV cache or None)."""
+
+    cfg: VLMConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype = layers.to_dtype(cfg.language.dtype)
+        pdtype = layers.to_dtype(cfg.language.param_dtype)
+        self.vision = VisionEncoder(cfg.vision)
+        self.decoder = Decoder(cfg.decoder_config)
+        kind = cfg.connector.kind
+        if kind == "projector":
+            self.connector = Projector(cfg.connector, cfg.language.embed_dim, dtype, pdtype)
+        elif kind == "resampler":
+            self.connector = Resampler(cfg.connector, cfg.language.embed_dim,
+                                       cfg.language.vocab_size, dtype, pdtype)
+        elif cfg.connector.num_queries:
+            self.connector = Resampler(cfg.connector, cfg.connector.width,
+                                       cfg.language.vocab_size, dtype, pdtype)
+        else:
+            self.connector = None
+
+    def encode_images(self, pixel_values: Array, instruction: Array | None = None,
+                      instruction_mask: Array | None = None) -> Array:
+        """[b, n, h, w, c] -> [b, n, tokens, d]: LM-ready image tokens (or media for xattn)."""
+        b, n = pixel_values.shape[:2]
+        feats = self.vision(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        if isinstance(feats, tuple):
+            feats = feats[0]
+        if isinstance(self.connector, Resampler):
+            if instruction is not None:
+                instruction = jnp.repeat(instruction, n, axis=0)
+                if instruction_mask is not None:
+                    instruction_mask = jnp.repeat(instruction_mask, n, axis=0)
+            feats = self.connector(feats, instruction, instruction_mask)
+        elif self.connector is not None:
+            feats = self.connector(feats)
+        return feats.reshape(b, n, *feats.shape[1:])
+
+    def __call__(
+        self,
+        input_ids: Array,
+        pixel_values: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        prefix_mask: Array | None = None,
+        cache: dict | None = None,
+        image_features: Array | None = None,
+        media_ids: Array | None = None,
+        instruction: Array | None = None,
+        instruction_mask: Array | None = None,
+        return_hidden: bool = False,
+        plain_causal: bool = False,
+    ):
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = default_positions(segment_ids)
+        embeds, media = self.embed_inputs(input_ids, pixel_values, image_features=image_features,
+                                          media_ids=media_ids, instruction=instruction,
+                                          instruction_mask=instruction_mask)
+        if cfg.prefix_lm and prefix_mask is None:
+            prefix_mask = jnp.ones_like(input_ids, bool)  # HF: no token types = all prefix
+        return self.decoder(embeds, positions, segment_ids, prefix_mask, cache, media,
+                            return_hidden=return_hidden, plain_causal=plain_causal)
+
+    def embed_inputs(self, input_ids: Array, pixel_values: Array | None = None, *,
+                     image_features: Array | None = None, media_ids: Array | None = None,
+                     instruction: Array | None = None, instruction_mask: Array | None = None):
+        """Token embeddings with image tokens merged in -> (embeddings, media for xattn or None)."""
+        cfg = self.cfg
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values, instruction, instruction_mask)
+        media = None
+        if cfg.connector.kind == "cross_attention":
+            ids = input_ids
+            embeds = self.decoder.embed(ids)
+            if image_features is not None:
+                if media_ids is None:
+                    media_ids = media_ids_from_markers(input_ids, cfg.image_token_id)
+                b, n, m, d = image_features.shape
+                flat = image_features.reshape(b, n * m, d)
+                img_of_token = jnp.repeat(jnp.arange(n), m)  # [n*m]
+                media_mask = media_ids[:, :, None] == img_of_token[None, None, :]
+                media = (flat, media_mask)
+            else:
+                media = (jnp.zeros((*input_ids.shape[:1], 1, cfg.decoder_config.media_dim),
+                                   embeds.dtype), jnp.zeros((*input_ids.shape, 1), bool))
+        else:
+            is_img = input_ids == cfg.image_token_id
+            embeds = self.decoder.embed(jnp.where(is_img, 0, input_ids))
+            if image_features is not None:
+                embeds = merge_image_features(embeds, input_ids, image_features,
+                                              cfg.image_token_id)
+        return embeds, media
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        return init_cache(self.cfg.decoder_config, batch, length)
+
+
+def build_model(cfg: VLMConfig | Mapping[str, Any]) -> VLM:
+    return VLM(cfg if isinstance(cfg, VLMConfig) else vlm_config(cfg))
+
+
+def dummy_inputs(cfg: VLMConfig, batch: int = 1, length: int | None = None,
+                 images: int = 1) -> dict[str, Array]:
+    """Shape-only inputs for init / eval_shape."""
+    length = length or max(cfg.image_tokens * images + 8, 16)
+    v = cfg.vision
+    out = {
+        "input_ids": jnp.zeros((batch, length), jnp.int32),
+        "pixel_values": jnp.zeros((batch, images, v.image_size, v.image_size, 3), jnp.float32),
+    }
+    if cfg.connector.instruction_aware:
+        out["instruction"] = jnp.zeros((batch, 8), jnp.int32)
+    return out
