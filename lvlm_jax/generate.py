@@ -1,0 +1,119 @@
+"""Prefill + decode with the KV cache, the decode loop inside jit (lax.while_loop).
+
+Prompts are left-padded (segment id 0 on padding, positions counted from each row's first real
+token), so one batch holds prompts of different lengths. Greedy, temperature, top-k and top-p
+sampling; stop tokens; returns tokens and the per-token log-probabilities under the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (ids [b, t] left-padded, segment ids: 1 on tokens, 0 on padding)."""
+    length = length or max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    seg = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if len(r) > length:
+            raise ValueError(f"prompt {i} has {len(r)} tokens, more than {length}")
+        if len(r):
+            ids[i, length - len(r):] = r
+            seg[i, length - len(r):] = 1
+    return ids, seg
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Masks all but the top-k tokens and/or the smallest set with probability >= top_p."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token when the mass strictly before it is below top_p (the top one always).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1,
+                         keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return logits
+
+
+def sample(logits: Array, rng: Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> Array:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "stop_ids", "pad_id", "prefix_lm"))
+def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Array,
+                    pixel_values: Array | None, rng: Array, *, max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+                    prefix_lm: bool = False) -> dict[str, Array]:
+    """Generates up to `max_new_tokens` after left-padded prompts.
+
+    Returns tokens [b, n] (pad_id after a row stops), log_probs [b, n] (log p of each token
+    under the model at temperature 1; 0 after the row stops) and lengths [b] (tokens generated,
+    stop token included).
+    """
+    b, t = input_ids.shape
+    variables = {"params": params}
+    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+    prefix = (segment_ids > 0) if prefix_lm else None
+    cache = model.apply(variables, b, t + max_new_tokens, method=model.init_cache)
+    logits, cache = model.apply(variables, input_ids, pixel_values, segment_ids=segment_ids,
+                                positions=positions, prefix_mask=prefix, cache=cache)
+    last = logits[:, -1].astype(jnp.float32)
+    next_pos = positions[:, -1] + 1
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    media_ids = None
+    image_features = None
+    if model.cfg.connector.kind == "cross_attention" and pixel_values is not None:
+        # Decoded tokens attend to the last image of their prompt.
+        image_features = model.apply(variables, pixel_values, method=model.encode_images)
+        marks = jnp.sum(input_ids == model.cfg.image_token_id, axis=1) - 1
+        media_ids = marks[:, None]
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, last, done, tokens, logps, lengths, rng = carry
+        rng, sub = jax.random.split(rng)
+        tok = sample(last, sub, temperature, top_k, top_p)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], 1)[:, 0]
+        tok = jnp.where(done, pad_id, tok)
+        tokens = tokens.at[:, i].set(tok)
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stops)
+        kw = {}
+        if prefix_lm:
+            kw["prefix_mask"] = jnp.zeros((b, 1), bool)
+        logits, cache = model.apply(variables, tok[:, None], segment_ids=jnp.ones((b, 1),
+                                    jnp.int32), positions=(next_pos + i)[:, None],
+                                    cache=cache, image_features=image_features,
+                                    media_ids=media_ids, **kw)
+        return i + 1, cache, logits[:, -1].astype(jnp.float32), done, tokens, logps, lengths, rng
+
+    init = (jnp.zeros((), jnp.int32), cache, last, jnp.zeros((b,), bool),
+            jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), jnp.int32), rng)
+    _, _, _, _, tokens, logps, lengths, _ = jax.lax.while_loop(cond, body, init)
+    return {"tokens": tokens, "log_probs": logps, "lengths": lengths}

@@ -1,0 +1,1 @@
+"""Training: optimizer, state, the one loop, losses and stages."""

@@ -1,0 +1,257 @@
+"""The one training loop. Every stage runs through it; a stage supplies only its loss.
+
+Reads top to bottom: config -> mesh -> input -> model (sharded init) -> optimizer -> update
+step -> loop (log, guard, checkpoint) -> summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvlm_jax import config as config_lib
+from lvlm_jax import sharding
+from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
+from lvlm_jax.train import flops as flops_lib
+from lvlm_jax.train.metrics_writer import MetricsWriter
+from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
+from lvlm_jax.train.stages import LossContext, get_stage
+from lvlm_jax.train.step import TrainState, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop builds, for callers that step it themselves (tests, bench, compile).
+
+    `state` is None until `materialize`; `abstract_state` has shapes, dtypes and shardings only.
+    """
+
+    cfg: Any
+    mesh: Any
+    rules: dict
+    model: VLM
+    abstract_state: TrainState
+    state_shardings: Any
+    batch_shardings: dict
+    init_state: Any
+    step_fn: Any
+    schedule: Any
+    total_steps: int
+    flops_per_step: float
+    state: TrainState | None = None
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shape-only global batch (for ahead-of-time compilation)."""
+        d = self.cfg.data
+        v = self.model.cfg.vision
+        size = d.image_size or v.image_size
+        shapes = {"pixel_values": ((d.batch_size, d.max_images, size, size, 3), jnp.uint8),
+                  "loss_mask": ((d.batch_size, d.seq_len), jnp.float32)}
+        return {f: jax.ShapeDtypeStruct(*shapes.get(f, ((d.batch_size, d.seq_len), jnp.int32)),
+                                        sharding=self.batch_shardings[f])
+                for f in self.batch_shardings}
+
+
+def optimizer_config(cfg) -> dict:
+    stage = get_stage(cfg.stage)
+    opt = cfg.optimizer.to_dict()
+    if opt.get("freeze") is None:
+        opt["freeze"] = list(stage.default_freeze)
+    return opt
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+    """The mesh as the ambient one for flax's logical activation constraints.
+
+    flax's logical constraints resolve against the legacy `with mesh:` context; under
+    jax.set_mesh they are also applied to scanned parameter slices, which fails.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*context manager has been deprecated",
+                                category=DeprecationWarning)
+        with mesh:
+            yield
+
+
+def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> Setup:
+    """Mesh, abstract sharded state and the jitted step for `cfg`; allocates nothing."""
+    stage = get_stage(cfg.stage)
+    # ---- mesh --------------------------------------------------------------------------
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
+    rules = sharding.rules_from_config(cfg.mesh.get("rules"))
+    sharding.check_batch(cfg.data.batch_size, mesh)
+    if cfg.data.batch_size % (cfg.train.grad_accum * sharding.batch_axis_size(mesh)):
+        raise ValueError(f"batch size {cfg.data.batch_size} does not split into "
+                         f"{cfg.train.grad_accum} micro-batches over "
+                         f"{sharding.batch_axis_size(mesh)} data shards")
+    # ---- model -------------------------------------------------------------------------
+    model_cfg = model_cfg or vlm_config(cfg.model.to_dict())
+    model = build_model(model_cfg)
+    steps = config_lib.total_steps(cfg, dataset_size)
+    init_inputs = dummy_inputs(model_cfg, batch=1)
+    # Parameter paths start below the "params" collection: "vision/...", "decoder/...".
+    init_fn = lambda rng: model.init(rng, **init_inputs)["params"]  # noqa: E731
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    param_shardings = sharding.logical_shardings(abstract, mesh, rules)
+    abstract_params = nn.meta.unbox(abstract)
+    # ---- optimizer ---------------------------------------------------------------------
+    opt_cfg = optimizer_config(cfg)
+    tx, schedule = make_optimizer(opt_cfg, abstract_params, steps)
+    trainable = trainable_mask(abstract_params, opt_cfg)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = sharding.shardings_following_params(abstract_opt, abstract_params,
+                                                        param_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = TrainState(step=replicated, params=param_shardings,
+                                 opt_state=opt_shardings, rng=replicated, nonfinite=replicated)
+
+    def init_state(seed):
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+        params = nn.meta.unbox(init_fn(init_rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=train_rng,
+                          nonfinite=jnp.zeros((), jnp.int32))
+
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init_state, 0), state_shardings)
+    # ---- update step -------------------------------------------------------------------
+    ctx = LossContext(model=model, image_mean=tuple(cfg.data.image_mean),
+                      image_std=tuple(cfg.data.image_std), loss_chunk=cfg.train.loss_chunk)
+    step = make_train_step(ctx, stage, tx, trainable, schedule, cfg.train.grad_accum)
+    batch_shardings = {f: sharding.batch_sharding(mesh, 5 if f == "pixel_values" else 2)
+                       for f in stage.fields}
+    step_fn = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    trains_vision = any(jax.tree.leaves(trainable.get("vision", {})))
+    flops = cfg.data.batch_size * flops_lib.train_flops_per_example(
+        model_cfg, abstract_params, cfg.data.seq_len, cfg.data.max_images, trains_vision)
+    jit_init = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)
+    return Setup(cfg, mesh, rules, model, abstract_state, state_shardings, batch_shardings,
+                 jit_init, step_fn, schedule, steps, flops)
+
+
+def materialize(setup: Setup, init_params: Any = None) -> Setup:
+    """Initialises the state directly in its shards: never whole on one device or the host.
+
+    `init_params` (a params tree of the same model, e.g. the previous stage's) replaces the
+    random initialisation; the optimizer state starts fresh.
+    """
+    # Shardings come from out_shardings; flax's own init-time constraints stay out of the way.
+    setup.state = setup.init_state(int(setup.cfg.seed))
+    if init_params is not None:
+        expected = jax.tree.map(lambda s: (s.shape, s.dtype), setup.abstract_state.params)
+        given = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), init_params)
+        if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
+            raise ValueError("init_params do not match the model of this config")
+        setup.state = setup.state.replace(
+            params=jax.device_put(init_params, setup.state_shardings.params))
+    return setup
+
+
+def build(cfg, model_cfg=None, dataset_size: int | None = None, devices=None,
+          init_params: Any = None) -> Setup:
+    """plan + materialize: a ready-to-step Setup."""
+    return materialize(plan(cfg, model_cfg, dataset_size, devices), init_params)
+
+
+def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int,
+              writer: MetricsWriter | None = None, progress: bool = False,
+              log_every: int = 10, max_nonfinite: int = 5) -> tuple[TrainState, list[dict]]:
+    """Steps the state `num_steps` times on host-local numpy batches; returns per-step metrics."""
+    stage = get_stage(setup.cfg.stage)
+    mesh, state = setup.mesh, setup.state
+    history: list[dict] = []
+    peak = flops_lib.device_peak()
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_steps, initial=int(state.step), desc=setup.cfg.stage,
+                   dynamic_ncols=True)
+    bad_in_a_row = 0
+    t_last = time.perf_counter()
+    with mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)):
+        for _ in range(int(state.step), num_steps):
+            local = next(batches)
+            batch = sharding.to_global({f: local[f] for f in stage.fields}, mesh)
+            state, metrics = setup.step_fn(state, batch)
+            setup.state = state  # the old state was donated: keep the live one reachable
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            step = int(state.step)
+            examples = setup.cfg.data.batch_size
+            record = {k: float(v) for k, v in metrics.items() if k != "finite"}
+            record.update(step_time=dt, examples_per_s=examples / dt,
+                          tokens_per_s=float(metrics["tokens"]) / dt)
+            m = flops_lib.mfu(setup.flops_per_step, dt, jax.device_count(), peak)
+            if m is not None:
+                record["mfu"] = m
+            history.append(record)
+            if not bool(metrics["finite"]):
+                bad_in_a_row += 1
+                record["skipped_nonfinite"] = True
+                if bad_in_a_row >= max_nonfinite:
+                    raise NonFiniteError(
+                        f"step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient (loss={record['loss']}, grad_norm={record['grad_norm']}); "
+                        "stopping. Resume from the last good checkpoint with a lower learning "
+                        "rate or check the data.")
+            else:
+                bad_in_a_row = 0
+            if writer is not None and (step % log_every == 0 or step == num_steps or step == 1):
+                writer.write(step, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+    if bar is not None:
+        bar.close()
+    setup.state = state
+    return state, history
+
+
+def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
+          dataset_size: int | None = None, init_params: Any = None
+          ) -> tuple[Setup, list[dict]]:
+    """Trains cfg.stage to the configured length, logging to `workdir`."""
+    # ---- config ------------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
+    # ---- input -------------------------------------------------------------------------
+    if batches is None:
+        from lvlm_jax.train import input_pipeline
+
+        batches, model_cfg, dataset_size = input_pipeline.make_input(cfg, workdir)
+    setup = build(cfg, model_cfg, dataset_size, init_params=init_params)
+    writer = MetricsWriter(workdir)
+    t0 = time.perf_counter()
+    # ---- loop --------------------------------------------------------------------------
+    try:
+        _, history = run_steps(setup, batches, setup.total_steps, writer,
+                               progress=cfg.train.progress, log_every=cfg.train.log_every,
+                               max_nonfinite=cfg.train.max_nonfinite_steps)
+        if history:
+            # The first step's time is dominated by compilation: reported on its own.
+            writer.write(int(setup.state.step), {"train_seconds": time.perf_counter() - t0,
+                                                 "first_step_seconds": history[0]["step_time"]})
+    finally:
+        writer.close()
+    return setup, history

@@ -1,0 +1,40 @@
+"""One process of the multi-process test: 4 CPU devices, gloo collectives, its half of every
+global batch. Prints the losses of 5 steps as JSON on the last line (process 0)."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def main() -> None:
+    port, n, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
+    sys.path.insert(0, os.path.dirname(__file__))
+    from training_utils import random_batches, tiny_config
+
+    from lvlm_jax.train import loop
+
+    cfg = tiny_config(**{"optimizer.learning_rate": 1e-3})
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    rows = cfg.data.batch_size // n
+
+    def mine():
+        for batch in random_batches(cfg):
+            yield {k: v[pid * rows:(pid + 1) * rows] for k, v in batch.items()}
+
+    setup = loop.build(cfg)
+    _, history = loop.run_steps(setup, mine(), 5)
+    print(json.dumps([h["loss"] for h in history]), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

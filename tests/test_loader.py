@@ -1,0 +1,297 @@
+"""Tests of the grain training pipeline: example layout, truncation, skipping, determinism, resume,
+sharding, and the image transforms it uses."""
+
+import io
+import itertools
+import json
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.images import CLIP_MEAN_RGB, pad_to_square, prepare_image, to_rgb_uint8
+from data_pipelines.loader import (
+    BadRecord,
+    SkipStats,
+    SyntheticSource,
+    demo_tokenizer,
+    encode_example,
+    example_spec,
+    make_dataset,
+)
+from data_pipelines.templates import render
+
+IMAGE_TOKENS = 4
+SMALL_READS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _dataset(tok, source=None, **overrides):
+    kwargs = dict(
+        kind="conversation",
+        tokenizer=tok,
+        template="vicuna_v1",
+        seq_len=96,
+        image_size=16,
+        image_tokens=IMAGE_TOKENS,
+        batch_size=4,
+        seed=0,
+        read_options=SMALL_READS,
+    )
+    kwargs.update(overrides)
+    source = source if source is not None else SyntheticSource(kwargs["kind"], 64, image_size=16)
+    return make_dataset(source, **kwargs)
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("kind", ["caption", "conversation"])
+def test_batches_have_the_documented_shapes_and_dtypes(kind, tok):
+    batch = next(iter(_dataset(tok, kind=kind, max_images=2)))
+    spec = example_spec(96, 16, max_images=2)
+    assert batch.keys() == spec.keys()
+    for name, (shape, dtype) in spec.items():
+        assert batch[name].shape == (4, *shape), name
+        assert batch[name].dtype == dtype, name
+
+
+@pytest.mark.parametrize("kind", ["caption", "conversation"])
+def test_loss_mask_marks_targets_that_are_the_next_input_token(kind, tok):
+    for batch in _take(iter(_dataset(tok, kind=kind)), 4):
+        ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
+        for row in range(len(ids)):
+            n = int(batch["segment_ids"][row].sum())
+            assert batch["segment_ids"][row].tolist() == [1] * n + [0] * (96 - n)
+            assert batch["positions"][row, :n].tolist() == list(range(n))
+            assert not batch["positions"][row, n:].any() and not ids[row, n:].any()
+            np.testing.assert_array_equal(targets[row, : n - 1], ids[row, 1:n])
+            assert not targets[row, n - 1 :].any() and not mask[row, n - 1 :].any()
+            supervised = np.flatnonzero(mask[row])
+            assert len(supervised) > 0
+            assert (targets[row, supervised] == ids[row, supervised + 1]).all()
+            assert tok.image_id not in targets[row, supervised]
+
+
+def test_supervised_targets_decode_to_the_assistant_replies(tok):
+    record = SyntheticSource("conversation", 8)[3]
+    example = encode_example(
+        record,
+        kind="conversation",
+        tokenizer=tok,
+        template="chatml",
+        seq_len=128,
+        image_size=16,
+        image_tokens=IMAGE_TOKENS,
+    )
+    supervised = example["targets"][example["loss_mask"] == 1]
+    im_end = tok.piece_to_id("<|im_end|>")
+    replies = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    assert tok.decode(supervised).split("<|im_end|>") == [*replies, ""]
+    assert supervised.tolist().count(im_end) == len(replies)
+
+
+def _two_image_record():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(1, 255, (20, 12, 3), dtype=np.uint8) for _ in range(2)]
+    turns = [
+        {"from": "human", "value": "<image>\nwhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "<image>\nis there a blue square?"},
+        {"from": "gpt", "value": "no"},
+    ]
+    return {"id": "two", "images": images, "conversations": turns}
+
+
+def test_truncation_never_cuts_inside_an_image_block(tok):
+    record = _two_image_record()
+    full, _ = render("vicuna_v1", record["conversations"], tok, IMAGE_TOKENS)
+    second_block = int(np.flatnonzero(full == tok.image_id)[IMAGE_TOKENS])
+    for seq_len in range(2, len(full) + 3):
+        try:
+            ex = encode_example(
+                record,
+                kind="conversation",
+                tokenizer=tok,
+                template="vicuna_v1",
+                seq_len=seq_len,
+                image_size=8,
+                image_tokens=IMAGE_TOKENS,
+                max_images=2,
+            )
+        except BadRecord as e:
+            assert "no supervised token" in str(e)
+            continue
+        n = int(ex["segment_ids"].sum())
+        np.testing.assert_array_equal(ex["input_ids"][:n], full[:n])  # cut from the end
+        blocks = int((ex["input_ids"] == tok.image_id).sum()) // IMAGE_TOKENS
+        assert (ex["input_ids"] == tok.image_id).sum() == blocks * IMAGE_TOKENS
+        if second_block < seq_len < second_block + IMAGE_TOKENS:
+            assert n == second_block  # backed up to the start of the block
+        # Images whose block was cut away are zeroed; the kept ones are not.
+        assert [bool(ex["pixel_values"][j].any()) for j in range(2)] == [j < blocks for j in (0, 1)]
+
+
+def test_records_that_cannot_train_are_skipped_and_counted(tok):
+    good = [SyntheticSource("conversation", 6)[i] for i in range(6)]
+    too_long = dict(
+        good[0],
+        id="too-long",
+        conversations=[
+            {"from": "human", "value": "<image>\n" + "is there a red circle? " * 40},
+            {"from": "gpt", "value": "yes"},
+        ],
+    )
+    no_image = dict(good[1], id="no-image", images=[])
+    broken = dict(good[2], id="broken", images=[b"not an image"])
+    source = good[:3] + [too_long, no_image, broken] + good[3:]
+    stats = SkipStats()
+    batches = list(_dataset(tok, source, shuffle=False, num_epochs=1, batch_size=1, stats=stats))
+    assert len(batches) == 6
+    assert stats.kept == 6 and sum(stats.skipped.values()) == 3
+    assert sorted(stats.skipped_ids) == ["broken", "no-image", "too-long"]
+    assert stats.skipped_fraction == pytest.approx(3 / 9)
+
+
+def test_skipping_more_than_the_budget_fails(tok):
+    source = _numbered_source(1000)
+    for record in source[::2]:
+        record["caption"] += " <image>"  # an image mark in a reply: a malformed record
+    dataset = _dataset(tok, source, kind="caption", seq_len=16, batch_size=8, max_skip_fraction=0.4)
+    with pytest.raises(ValueError, match="skipped 50.00 %"):
+        _take(iter(dataset), 200)
+    assert (
+        len(
+            _take(
+                iter(
+                    _dataset(
+                        tok, source, kind="caption", seq_len=16, batch_size=8, max_skip_fraction=0.6
+                    )
+                ),
+                200,
+            )
+        )
+        == 200
+    )
+
+
+def test_same_seed_gives_the_same_batches_and_another_seed_does_not(tok):
+    a = _take(iter(_dataset(tok, seed=3)), 3)
+    _assert_batches_equal(a, _take(iter(_dataset(tok, seed=3)), 3))
+    b = _take(iter(_dataset(tok, seed=4)), 3)
+    assert not all(
+        np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_resume_from_iterator_state_gives_the_same_next_batches(tok):
+    dataset = _dataset(tok, seed=1, batch_size=3)
+    iterator = iter(dataset)
+    _take(iterator, 5)
+    state = json.loads(json.dumps(iterator.get_state()))  # as a checkpoint stores it
+    expected = _take(iterator, 4)  # crosses the epoch boundary (64 records, 3 per batch)
+    resumed = iter(dataset)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 4), expected)
+    fresh = iter(_dataset(tok, seed=1, batch_size=3))  # a new process rebuilds the pipeline
+    fresh.set_state(state)
+    _assert_batches_equal(_take(fresh, 4), expected)
+
+
+def _numbered_source(n):
+    images = [np.full((8, 8, 3), i % 256, np.uint8) for i in range(n)]
+    return [{"id": str(i), "image": images[i], "caption": " ".join(str(i))} for i in range(n)]
+
+
+def test_two_shards_are_disjoint_and_cover_the_data(tok):
+    source = _numbered_source(21)
+    seen = []
+    for shard in range(2):
+        batches = _dataset(
+            tok,
+            source,
+            kind="caption",
+            shard_index=shard,
+            shard_count=2,
+            batch_size=1,
+            num_epochs=1,
+            seq_len=16,
+        )
+        seen.append(
+            [
+                int(tok.decode(b["targets"][0][b["loss_mask"][0] == 1]).replace(" ", ""))
+                for b in batches
+            ]
+        )
+    assert len(seen[0]) == 11 and len(seen[1]) == 10
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(21))
+    assert seen[0] != sorted(seen[0])  # shuffled within the shard
+
+
+def test_epochs_are_reshuffled_and_num_epochs_ends_the_data(tok):
+    batches = list(
+        _dataset(tok, _numbered_source(10), kind="caption", batch_size=1, num_epochs=2, seq_len=16)
+    )
+    order = [
+        int(tok.decode(b["targets"][0][b["loss_mask"][0] == 1]).replace(" ", "")) for b in batches
+    ]
+    assert sorted(order[:10]) == sorted(order[10:]) == list(range(10))
+    assert order[:10] != order[10:]
+
+
+def test_bad_arguments_fail_with_clear_messages(tok):
+    with pytest.raises(ValueError, match="unknown chat template 'nope'"):
+        _dataset(tok, template="nope")
+    with pytest.raises(ValueError, match="unknown record kind"):
+        _dataset(tok, kind="preference")
+    with pytest.raises(ValueError, match="shard_index"):
+        _dataset(tok, shard_index=2, shard_count=2)
+
+
+# --- image transforms -------------------------------------------------------------------------
+
+
+def test_to_rgb_uint8_handles_grayscale_rgba_palette_and_bytes():
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    assert to_rgb_uint8(rgb[:, :, 0]).shape == (6, 4, 3)
+    np.testing.assert_array_equal(to_rgb_uint8(np.dstack([rgb, np.full((6, 4), 7, np.uint8)])), rgb)
+    palette = Image.fromarray(rgb).convert("P")
+    assert to_rgb_uint8(palette).shape == (6, 4, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    np.testing.assert_array_equal(to_rgb_uint8(buffer.getvalue()), rgb)
+    with pytest.raises(TypeError, match="uint8"):
+        to_rgb_uint8(rgb.astype(np.float32))
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour():
+    img = np.full((2, 6, 3), 255, np.uint8)
+    out = pad_to_square(img)
+    assert out.shape == (6, 6, 3)
+    assert (out[2:4] == 255).all()
+    assert (out[:2] == CLIP_MEAN_RGB).all() and (out[4:] == CLIP_MEAN_RGB).all()
+
+
+def test_prepare_image_gives_uint8_squares_in_both_modes():
+    img = np.zeros((30, 10, 3), np.uint8)
+    padded = prepare_image(img, 12, mode="pad")
+    stretched = prepare_image(img, 12, mode="resize")
+    assert padded.shape == stretched.shape == (12, 12, 3) and padded.dtype == np.uint8
+    assert (padded[:, 0] == CLIP_MEAN_RGB).all() and not stretched.any()
+    with pytest.raises(ValueError, match="crop"):
+        prepare_image(img, 12, mode="crop")

@@ -1,0 +1,129 @@
+"""The training core: sharded steps equal single-device steps, freezing, gradient accumulation,
+non-finite guards, and one-line errors for bad meshes, batches and config keys."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from training_utils import random_batches, tiny_config
+
+from lvlm_jax import config as config_lib
+from lvlm_jax.param_paths import flat_paths
+from lvlm_jax.train import loop
+
+MESHES = {
+    "data=8": {"data": 8},
+    "fsdp=8": {"fsdp": 8},
+    "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2},
+    "data=2,fsdp=2,tensor=2": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+
+
+def with_mesh(cfg, ici):
+    cfg.mesh.ici = {a: ici.get(a, 1) for a in ("data", "fsdp", "tensor", "sequence")}
+    return cfg
+
+
+def losses_of(cfg, devices=None, steps=5, seed=0):
+    setup = loop.build(cfg, devices=devices)
+    _, history = loop.run_steps(setup, random_batches(cfg, seed), steps)
+    return np.array([h["loss"] for h in history]), setup
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    cfg = with_mesh(tiny_config(**{"optimizer.learning_rate": 1e-3}), {"fsdp": 1})
+    losses, _ = losses_of(cfg, devices=jax.devices()[:1])
+    return losses
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_losses_equal_single_device_losses(name, single_device_losses):
+    cfg = with_mesh(tiny_config(**{"optimizer.learning_rate": 1e-3}), MESHES[name])
+    losses, setup = losses_of(cfg)
+    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+    assert len(set(losses.round(6))) > 1  # the model is actually training
+    # The state really is distributed: some parameter is split across devices.
+    if name != "data=8":
+        specs = [s.spec for s in jax.tree.leaves(setup.state_shardings.params)]
+        assert any(any(a is not None for a in spec) for spec in specs)
+        emb = setup.state.params["decoder"]["embed_tokens"]["embedding"]
+        assert len({str(s.index) for s in emb.addressable_shards}) > 1
+
+
+def test_frozen_params_are_bitwise_unchanged_and_hold_no_optimizer_state():
+    cfg = tiny_config(stage="sft", **{"optimizer.weight_decay": 0.1})
+    setup = loop.build(cfg)
+    before = jax.device_get(setup.state.params)
+    state, _ = loop.run_steps(setup, random_batches(cfg), 3)
+    after = jax.device_get(state.params)
+    flat_before, flat_after = flat_paths(before), flat_paths(after)
+    vision = [p for p in flat_before if p.startswith("vision/")]
+    assert vision
+    for p in vision:
+        assert np.array_equal(flat_before[p], flat_after[p]), p
+        assert flat_before[p].tobytes() == flat_after[p].tobytes(), p
+    assert not np.array_equal(flat_before["connector/linear_1/kernel"],
+                              flat_after["connector/linear_1/kernel"])
+    # No optimizer state anywhere carries a vision path.
+    opt_paths = flat_paths(jax.device_get(state.opt_state))
+    assert not [p for p in opt_paths if "vision/" in p]
+    assert [p for p in opt_paths if "connector/" in p]
+
+
+def test_pretrain_trains_only_the_connector_by_default():
+    cfg = tiny_config(stage="pretrain")
+    setup = loop.build(cfg)
+    before = flat_paths(jax.device_get(setup.state.params))
+    state, _ = loop.run_steps(setup, random_batches(cfg), 2)
+    after = flat_paths(jax.device_get(state.params))
+    changed = {p.split("/")[0] for p in before if not np.array_equal(before[p], after[p])}
+    assert changed == {"connector"}
+
+
+def test_gradient_accumulation_4x2_equals_batch_8():
+    # Two data shards, so each of the 4 micro-batches of 2 rows keeps one row per device.
+    two = jax.devices()[:2]
+    plain, _ = losses_of(tiny_config(batch=8, **{"optimizer.learning_rate": 1e-3}), two, 3)
+    accum, _ = losses_of(tiny_config(batch=8, **{"optimizer.learning_rate": 1e-3,
+                                                 "train.grad_accum": 4}), two, 3)
+    np.testing.assert_allclose(accum, plain, rtol=1e-5)
+    assert len(set(plain.round(6))) > 1
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step():
+    cfg = tiny_config(**{"train.max_nonfinite_steps": 3})
+    setup = loop.build(cfg)
+
+    def poisoned():
+        for i, b in enumerate(random_batches(cfg)):
+            if i >= 2:
+                b = dict(b, loss_mask=b["loss_mask"] * np.float32("nan"))
+            yield b
+
+    it = poisoned()
+    state, _ = loop.run_steps(setup, itertools.islice(it, 2), 2)
+    good = flat_paths(jax.device_get(state.params))
+    with pytest.raises(loop.NonFiniteError, match=r"step 5: 3 steps in a row"):
+        loop.run_steps(setup, it, 10, max_nonfinite=3)
+    # The skipped steps did not touch the parameters, and they were counted.
+    after = flat_paths(jax.device_get(setup.state.params))
+    assert all(np.array_equal(good[p], after[p]) for p in good)
+    assert int(setup.state.nonfinite) == 3
+
+
+def test_bad_mesh_batch_and_keys_fail_with_one_clear_line():
+    cfg = with_mesh(tiny_config(), {"data": 3, "fsdp": 1})
+    with pytest.raises(ValueError, match=r"mesh.ici degrees .* make 3 devices, but there are 8"):
+        loop.build(cfg)
+    cfg = with_mesh(tiny_config(batch=6), {"fsdp": 8})
+    with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the data axes"):
+        loop.build(cfg)
+    cfg = tiny_config()
+    cfg.lock()
+    with pytest.raises(KeyError, match=r"unknown config key 'optimizer.learnig_rate'"):
+        config_lib.apply_override(cfg, "optimizer.learnig_rate", "0.1")
+    cfg = tiny_config(**{"optimizer.freeze": "visoin/.*"})
+    with pytest.raises(ValueError, match=r"optimizer.freeze pattern 'visoin/.\*' matches no"):
+        loop.build(cfg)

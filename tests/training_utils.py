@@ -1,0 +1,56 @@
+"""Shared helpers for training tests: a tiny config and random batches in the loader's format."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lvlm_jax import config as config_lib
+
+IMG = 5
+
+
+def tiny_config(stage: str = "sft", batch: int = 8, seq: int = 32, steps: int = 5, **kw):
+    cfg = config_lib.base_config()
+    cfg.stage = stage
+    cfg.model.vision = {"preset": "tiny", "image_size": 16, "patch_size": 8, "depth": 2}
+    cfg.model.language = {"preset": "tiny", "vocab_size": 128, "num_layers": 2}
+    cfg.model.image_token_id = IMG
+    cfg.data.batch_size = batch
+    cfg.data.seq_len = seq
+    cfg.data.image_size = 16
+    cfg.train.total_steps = steps
+    cfg.train.progress = False
+    cfg.train.loss_chunk = 8
+    cfg.optimizer.learning_rate = 1e-2
+    cfg.optimizer.warmup_steps = 0
+    for key, value in kw.items():
+        node = cfg
+        *head, last = key.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = value
+    return cfg
+
+
+def random_batches(cfg, seed: int = 0, image_tokens: int = 4):
+    """An endless iterator of host-local batches: text, one image block, padding."""
+    rng = np.random.default_rng(seed)
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    size = cfg.data.image_size
+    while True:
+        ids = rng.integers(8, 128, size=(b, t)).astype(np.int32)
+        ids[:, 2:2 + image_tokens] = IMG
+        lengths = rng.integers(t // 2, t + 1, size=b)
+        seg = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+        ids = ids * seg
+        targets = np.concatenate([ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+        loss_mask = ((np.arange(t)[None] >= 2 + image_tokens) & (targets > 0)
+                     & (seg > 0)).astype(np.float32)
+        yield {
+            "input_ids": ids,
+            "targets": targets,
+            "loss_mask": loss_mask,
+            "segment_ids": seg,
+            "positions": (np.arange(t)[None] * seg).astype(np.int32),
+            "pixel_values": rng.integers(0, 256, size=(b, 1, size, size, 3), dtype=np.uint8),
+        }
