@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "safetensors>=0.4.3",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",
 ]
 
 EXTRAS = {

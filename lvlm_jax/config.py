@@ -72,7 +72,12 @@ def base_config() -> ConfigDict:
         "log_every": 10,
         "progress": True,
     })
-    c.checkpoint = ConfigDict({"every_steps": 0, "keep": 3, "init_from": ""})
+    c.checkpoint = ConfigDict({
+        "every_steps": 0,  # 0: only at the end (and on SIGTERM)
+        "keep": 3,
+        "init_from": "",  # another run's workdir: its latest params start this run
+        "init_from_include": None,  # regexes selecting which of them (None: all)
+    })
     c.evals = ConfigDict({"every_steps": 0})
     return c
 

@@ -60,14 +60,14 @@ def run_demo(workdir: str, overrides=(), log=print) -> dict[str, Any]:
     cfg = _config("pretrain", overrides)
     setup, hist = loop.train(cfg, os.path.join(workdir, "pretrain"))
     tokenizer = input_pipeline.load_tokenizer(cfg.data)
-    summary["pretrain_final_train_loss"] = hist[-1]["loss"]
+    summary["pretrain_final_train_loss"] = hist[-1]["loss"] if hist else None
     summary["caption_loss"] = held_out_caption_loss(cfg, setup, tokenizer)
     params = jax.device_get(setup.state.params)
 
     log("== stage 2/2: sft (visual instruction tuning on question-answer conversations)")
     cfg = _config("sft", overrides)
     setup, hist = loop.train(cfg, os.path.join(workdir, "sft"), init_params=params)
-    summary["sft_final_train_loss"] = hist[-1]["loss"]
+    summary["sft_final_train_loss"] = hist[-1]["loss"] if hist else None
     accuracy, results = held_out_vqa(cfg, setup, tokenizer)
     summary["vqa_accuracy"] = accuracy
     by_kind: dict[str, list[float]] = {}

@@ -127,3 +127,29 @@ def test_bad_mesh_batch_and_keys_fail_with_one_clear_line():
     cfg = tiny_config(**{"optimizer.freeze": "visoin/.*"})
     with pytest.raises(ValueError, match=r"optimizer.freeze pattern 'visoin/.\*' matches no"):
         loop.build(cfg)
+
+
+def test_lr_multipliers_scale_the_update_of_their_group():
+    # SGD without momentum: an update is exactly -lr x gradient, so a 0.0 multiplier on the
+    # projector's first layer must leave it unchanged while the rest moves.
+    cfg = tiny_config(**{"optimizer.name": "sgd", "optimizer.freeze": [],
+                         "optimizer.grad_clip_norm": 0.0, "optimizer.schedule": "constant",
+                         "optimizer.lr_multipliers": ((r"connector/linear_1/.*", 0.0),)})
+    setup = loop.build(cfg)
+    before = flat_paths(jax.device_get(setup.state.params))
+    state, _ = loop.run_steps(setup, random_batches(cfg), 1)
+    after = flat_paths(jax.device_get(state.params))
+    assert np.array_equal(before["connector/linear_1/kernel"], after["connector/linear_1/kernel"])
+    assert not np.array_equal(before["connector/linear_2/kernel"],
+                              after["connector/linear_2/kernel"])
+
+
+def test_durations_in_steps_epochs_or_examples():
+    cfg = tiny_config(batch=8, steps=0)
+    cfg.train.epochs = 2.0
+    assert config_lib.total_steps(cfg, dataset_size=100) == 25
+    cfg.train.epochs, cfg.train.examples = 0.0, 80
+    assert config_lib.total_steps(cfg) == 10
+    cfg.train.total_steps = 7
+    with pytest.raises(ValueError, match="set exactly one of"):
+        config_lib.total_steps(cfg)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -172,8 +174,10 @@ def build(cfg, model_cfg=None, dataset_size: int | None = None, devices=None,
 
 def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int,
               writer: MetricsWriter | None = None, progress: bool = False,
-              log_every: int = 10, max_nonfinite: int = 5) -> tuple[TrainState, list[dict]]:
-    """Steps the state `num_steps` times on host-local numpy batches; returns per-step metrics."""
+              log_every: int = 10, max_nonfinite: int = 5,
+              after_step: Any = None) -> tuple[TrainState, list[dict]]:
+    """Steps the state until step `num_steps` on host-local numpy batches; returns per-step
+    metrics. `after_step(step, state)` runs after every step; returning True stops the loop."""
     stage = get_stage(setup.cfg.stage)
     mesh, state = setup.mesh, setup.state
     history: list[dict] = []
@@ -220,16 +224,53 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if after_step is not None and after_step(step, state):
+                break
     if bar is not None:
         bar.close()
     setup.state = state
     return state, history
 
 
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and stops at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_params(cfg, setup: Setup, log) -> Any:
+    """config.checkpoint.init_from: another run's params, whole or selected by regex."""
+    from lvlm_jax.checkpoints.manager import restore_params
+    from lvlm_jax.checkpoints.partial import merge_params
+
+    params, step = restore_params(cfg.checkpoint.init_from)
+    own = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), setup.abstract_state.params)
+    merged, report = merge_params(own, params, cfg.checkpoint.get("init_from_include"))
+    log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
+    return merged
+
+
 def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
-          dataset_size: int | None = None, init_params: Any = None
+          dataset_size: int | None = None, init_params: Any = None, log=print
           ) -> tuple[Setup, list[dict]]:
-    """Trains cfg.stage to the configured length, logging to `workdir`."""
+    """Trains cfg.stage to the configured length, logging to `workdir`; resumes from the
+    workdir's latest checkpoint when there is one."""
+    from lvlm_jax.checkpoints.manager import Checkpointer
+
     # ---- config ------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -240,18 +281,44 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
         from lvlm_jax.train import input_pipeline
 
         batches, model_cfg, dataset_size = input_pipeline.make_input(cfg, workdir)
-    setup = build(cfg, model_cfg, dataset_size, init_params=init_params)
+    # ---- state: resumed, chained from another run, or fresh ----------------------------
+    setup = plan(cfg, model_cfg, dataset_size)
+    ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
+    if ckpt.latest_step() is not None:
+        setup.state, step = ckpt.restore(setup.abstract_state, batches)
+        log(f"resumed from {workdir}/checkpoints/{step}")
+    else:
+        if init_params is None and cfg.checkpoint.init_from:
+            init_params = _initial_params(cfg, setup, log)
+        materialize(setup, init_params)
     writer = MetricsWriter(workdir)
     t0 = time.perf_counter()
+
+    def after_step(step: int, state: TrainState) -> bool:
+        if stop.requested or ckpt.should_save(step):
+            ckpt.save(step, state, batches)
+        return stop.requested
+
     # ---- loop --------------------------------------------------------------------------
     try:
-        _, history = run_steps(setup, batches, setup.total_steps, writer,
-                               progress=cfg.train.progress, log_every=cfg.train.log_every,
-                               max_nonfinite=cfg.train.max_nonfinite_steps)
+        with _StopFlag() as stop:
+            _, history = run_steps(setup, batches, setup.total_steps, writer,
+                                   progress=cfg.train.progress, log_every=cfg.train.log_every,
+                                   max_nonfinite=cfg.train.max_nonfinite_steps,
+                                   after_step=after_step)
+        step = int(setup.state.step)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, setup.state, batches)  # the end of training (or preemption)
         if history:
             # The first step's time is dominated by compilation: reported on its own.
-            writer.write(int(setup.state.step), {"train_seconds": time.perf_counter() - t0,
-                                                 "first_step_seconds": history[0]["step_time"]})
+            writer.write(step, {"train_seconds": time.perf_counter() - t0,
+                                "first_step_seconds": history[0]["step_time"]})
+    except NonFiniteError as e:
+        last = ckpt.latest_step()
+        where = (f"the last good checkpoint is {workdir}/checkpoints/{last}" if last is not None
+                 else "there is no checkpoint yet")
+        raise NonFiniteError(f"{e} ({where})") from None
     finally:
         writer.close()
+        ckpt.close()
     return setup, history

@@ -1,0 +1,97 @@
+"""The orbax CheckpointManager of a run: train state (params, optimizer state, step, RNG) plus
+the grain iterator state (one JSON per process), async saves every N steps, the last K kept,
+and restore onto whatever mesh the resuming run has.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed during a save leaves no checkpoint that `latest_step` would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs with shardings: restore places every shard straight onto its device."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    """Saves and restores `{state, data}` under DIR/checkpoints."""
+
+    def __init__(self, workdir: str, every_steps: int = 0, keep: int = 3,
+                 async_save: bool = True):
+        self.every_steps = int(every_steps)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None and hasattr(data_iterator, "get_state"):
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state: Any, data_iterator: Any = None,
+                step: int | None = None) -> tuple[Any, int]:
+        """(state restored onto `abstract_state`'s shardings, step); the data iterator, if
+        given, is moved to where it was at that step."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError("no checkpoint to restore")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        has_data = "data" in self.saved_items(step)
+        if data_iterator is not None and has_data:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], step
+
+    def saved_items(self, step: int) -> list[str]:
+        path = os.path.join(str(self.manager.directory), str(step))
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """The params of another run's checkpoint (numpy, on the host), for stage chaining."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir!r} holds no checkpoints (no {directory})")
+    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    params = state["params"] if isinstance(state, dict) else state.params
+    return jax.tree.map(lambda x: jax.device_get(x), params), step

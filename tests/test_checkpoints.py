@@ -1,0 +1,128 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends bitwise equal to an uninterrupted
+one; SIGTERM saves; a resharded restore continues with the same loss; partial loading."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from training_utils import random_batches, tiny_config
+
+from lvlm_jax.checkpoints.manager import Checkpointer, restore_params
+from lvlm_jax.checkpoints.partial import merge_params
+from lvlm_jax.param_paths import flat_paths
+from lvlm_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["train", "--config=experiments/demo.py:sft", "--config.train.total_steps=8",
+         "--config.data.batch_size=8", "--config.checkpoint.every_steps=1",
+         "--config.train.progress=false"]
+
+
+def start(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, "-m", "lvlm_jax", *TRAIN, f"--workdir={workdir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finished_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def wait_for_step(proc, workdir, step, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(s >= step for s in finished_steps(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def final_params(workdir):
+    params, step = restore_params(str(workdir))
+    assert step == 8
+    return flat_paths(params)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    proc = start(workdir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return final_params(workdir)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, uninterrupted):
+    kill_at = int(np.random.default_rng().integers(2, 6))
+    proc = start(tmp_path)
+    wait_for_step(proc, tmp_path, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(finished_steps(tmp_path)) < 8
+    proc = start(tmp_path)  # resumes from the latest finished checkpoint
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    resumed = final_params(tmp_path)
+    assert resumed.keys() == uninterrupted.keys()
+    for path, value in uninterrupted.items():
+        assert resumed[path].tobytes() == value.tobytes(), path
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = start(tmp_path)
+    wait_for_step(proc, tmp_path, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = finished_steps(tmp_path)
+    assert steps and steps[-1] >= 2
+
+
+def test_resharded_restore_continues_with_the_same_loss(tmp_path):
+    cfg = tiny_config(**{"optimizer.learning_rate": 1e-3})
+    cfg.mesh.ici = {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    saver = loop.build(cfg)
+    batches = random_batches(cfg)
+    loop.run_steps(saver, batches, 2)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(2, saver.state)
+    ckpt.close()
+    next_batch = next(batches)
+    _, hist = loop.run_steps(saver, iter([next_batch]), 3)
+    expected = hist[0]["loss"]
+    for ici, devices in (({"fsdp": 1}, jax.devices()[:1]), ({"data": 2, "fsdp": 4}, None)):
+        cfg2 = tiny_config(**{"optimizer.learning_rate": 1e-3})
+        cfg2.mesh.ici = {a: ici.get(a, 1) for a in ("data", "fsdp", "tensor", "sequence")}
+        setup = loop.plan(cfg2, devices=devices)
+        reader = Checkpointer(str(tmp_path))
+        setup.state, step = reader.restore(setup.abstract_state)
+        reader.close()
+        assert step == 2
+        _, hist = loop.run_steps(setup, iter([next_batch]), 3)
+        np.testing.assert_allclose(hist[0]["loss"], expected, rtol=1e-5)
+
+
+def test_partial_loading_reports_and_rejects_shape_mismatches():
+    own = {"vision": {"w": np.zeros((2, 2))}, "decoder": {"w": np.zeros((3,)),
+                                                          "new": np.zeros(1)}}
+    loaded = {"vision": {"w": np.ones((2, 2))}, "decoder": {"w": np.ones((3,))},
+              "old": {"w": np.ones(1)}}
+    merged, report = merge_params(own, loaded, [r"vision/.*"])
+    assert merged["vision"]["w"].sum() == 4 and merged["decoder"]["w"].sum() == 0
+    assert report.startswith("loaded 1 parameters, missing 0, unexpected 0")
+    merged, report = merge_params(own, loaded)
+    assert "missing 1 (decoder/new)" in report and "unexpected 1 (old/w)" in report
+    with pytest.raises(ValueError, match=r"parameter vision/w: checkpoint has shape \(3,\)"):
+        merge_params(own, {"vision": {"w": np.ones(3)}})
