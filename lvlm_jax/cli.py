@@ -1,4 +1,4 @@
-"""The `lvlm` command (also `python -m lvlm_jax`): demo, train, compile.
+"""The `lvlm` command (also `python -m lvlm_jax`): demo, train, compile, import, export.
 
 Subcommands take `--config=FILE[:ARG]` plus `--config.a.b=value` overrides on a locked config;
 a mistyped key fails with one line naming it.
@@ -40,6 +40,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--num_slices", type=int, default=1)
     c.add_argument("--assumed_mfu", type=float, default=0.5,
                    help="the MFU used to turn FLOPs into an implied step time")
+    e = sub.add_parser("export", help="a training workdir -> params-only or HF folder")
+    e.add_argument("--checkpoint", required=True, help="the training workdir")
+    e.add_argument("--format", default="hf", choices=("hf", "params"))
+    e.add_argument("--out", required=True)
+    e.add_argument("--step", type=int, default=None)
+    i = sub.add_parser("import", help="an HF folder (LLaVA, PaliGemma) -> params-only checkpoint")
+    i.add_argument("--hf", required=True)
+    i.add_argument("--out", required=True)
     return p
 
 
@@ -63,7 +71,20 @@ def maybe_initialize_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+def _quiet_libtpu_on_hosts_without_tpus() -> None:
+    """With libtpu installed (the `tpu` extra, for AOT compiles) jax probes for TPUs at start-up
+    and prints pages of errors on a machine that has none; skip the probe there."""
+    import glob
+
+    if "JAX_PLATFORMS" in os.environ or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return
+    if "TPU_ACCELERATOR_TYPE" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        return
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia*") else "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libtpu_on_hosts_without_tpus()
     from lvlm_jax import config as config_lib
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -80,6 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(args.workdir, overrides)
             return 0
+        if args.command == "export":
+            from lvlm_jax.checkpoints.export import export_checkpoint
+
+            print(export_checkpoint(args.checkpoint, args.format, args.out, args.step))
+            return 0
+        if args.command == "import":
+            from lvlm_jax.checkpoints.export import import_to_params_only
+
+            print(import_to_params_only(args.hf, args.out))
+            return 0
         cfg = config_lib.load(args.config, overrides)
         if args.command == "train":
             maybe_initialize_distributed(args)
@@ -88,13 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.train(cfg, args.workdir)
             return 0
         if args.command == "compile":
+            # Compiling for a TPU topology needs libtpu, not a local TPU: keep jax on the CPU.
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
             from lvlm_jax import aot
 
             report = aot.compile_report(cfg, args.topology, num_slices=args.num_slices,
                                         assumed_mfu=args.assumed_mfu)
             print(aot.format_report(report))
             return 0 if report["fits"] else 1
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lvlm {args.command}: {msg}", file=sys.stderr)
         return 2

@@ -74,6 +74,7 @@ def base_config() -> ConfigDict:
     })
     c.checkpoint = ConfigDict({
         "every_steps": 0,  # 0: only at the end (and on SIGTERM)
+        "every_minutes": 0.0,
         "keep": 3,
         "init_from": "",  # another run's workdir: its latest params start this run
         "init_from_include": None,  # regexes selecting which of them (None: all)
@@ -167,7 +168,8 @@ def apply_override(cfg: ConfigDict, key: str, text: str) -> None:
             where = ".".join(parts[:i + 1])
             import difflib
 
-            close = difflib.get_close_matches(key, valid_keys(cfg), n=1)
+            same_depth = [k for k in valid_keys(cfg) if k.count(".") == key.count(".")]
+            close = difflib.get_close_matches(key, same_depth, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise KeyError(f"unknown config key {where!r}{hint}")
         if i == len(parts) - 1:

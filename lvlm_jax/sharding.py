@@ -90,7 +90,12 @@ def make_mesh(mesh_cfg: Mapping[str, Any] | None = None,
     elif devices[0].platform in ("tpu", "gpu", "cuda") and len(devices) > 1:
         from jax.experimental import mesh_utils
 
-        arr = mesh_utils.create_device_mesh(shape, devices)
+        try:
+            arr = mesh_utils.create_device_mesh(shape, devices)
+        except NotImplementedError:
+            # e.g. fsdp=128 x tensor=2 on a 16x16 v5e: an axis must span parts of two
+            # physical axes, which mesh_utils only does when asked.
+            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
         arr = np.array(devices).reshape(shape)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -9,6 +9,7 @@ killed during a save leaves no checkpoint that `latest_step` would pick up.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -29,8 +30,10 @@ class Checkpointer:
     """Saves and restores `{state, data}` under DIR/checkpoints."""
 
     def __init__(self, workdir: str, every_steps: int = 0, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, every_minutes: float = 0.0):
         self.every_steps = int(every_steps)
+        self.every_seconds = 60.0 * float(every_minutes or 0.0)
+        self._last_save = time.monotonic()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
             enable_async_checkpointing=async_save,
@@ -43,7 +46,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return bool(self.every_steps) and step % self.every_steps == 0
+        """Every N steps and/or every M minutes of wall time (all processes must agree, so the
+        time rule follows process 0's clock through a tiny broadcast only when it is set)."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        if self.every_seconds:
+            due = time.monotonic() - self._last_save >= self.every_seconds
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                due = bool(multihost_utils.broadcast_one_to_all(due))
+            return due
+        return False
 
     def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
@@ -52,6 +66,7 @@ class Checkpointer:
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._last_save = time.monotonic()
 
     def restore(self, abstract_state: Any, data_iterator: Any = None,
                 step: int | None = None) -> tuple[Any, int]:

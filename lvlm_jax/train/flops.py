@@ -26,10 +26,10 @@ def chip_name(device_kind: str) -> str | None:
     if "tpu" in k:
         if "v6" in k:
             return "v6e"
-        if "v5p" in k:
-            return "v5p"
-        if "v5" in k:  # "TPU v5 lite" / "TPU v5e"
+        if "v5 lite" in k or "v5e" in k:
             return "v5e"
+        if "v5" in k:  # "TPU v5" / "TPU v5p"
+            return "v5p"
         if "v4" in k:
             return "v4"
     for gpu in ("h200", "h100", "a100"):

@@ -283,7 +283,12 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
         batches, model_cfg, dataset_size = input_pipeline.make_input(cfg, workdir)
     # ---- state: resumed, chained from another run, or fresh ----------------------------
     setup = plan(cfg, model_cfg, dataset_size)
-    ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
+    if jax.process_index() == 0:
+        from lvlm_jax.checkpoints.export import write_model_config
+
+        write_model_config(setup.model.cfg, workdir)  # what export and generate rebuild
+    ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
+                        every_minutes=cfg.checkpoint.every_minutes)
     if ckpt.latest_step() is not None:
         setup.state, step = ckpt.restore(setup.abstract_state, batches)
         log(f"resumed from {workdir}/checkpoints/{step}")

@@ -1,0 +1,91 @@
+"""Does LLaVA-1.5-7B's train step fit a v5p-64 and a v5e-256? AOT-compiled on this CPU host.
+
+    python bench/tpu_aot_report.py --out bench/results/tpu_aot_report.txt
+
+The paper's batch sizes at 2048 tokens: v5p-64 runs stage 2's step (LM + projector train) at
+stage 1's batch of 256, the heavier of the two stages on the same slice; v5e-256 runs stage 2
+at its batch of 128. Each case tries the config as it is (FSDP over every chip, full remat, bf16
+compute), then the next setting in ATTEMPTS, and prints the first report that fits. Takes
+several minutes on 2 CPU cores; needs libtpu (`pip install -e '.[tpu]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+import time
+
+# A compile-only run: no TPU is driven from here, and a CPU host must not try to start one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lvlm_jax import aot  # noqa: E402
+from lvlm_jax import config as config_lib  # noqa: E402
+
+CONFIG = "experiments/llava15.py:7b"
+CASES: list[tuple[str, dict[str, str], str]] = [
+    ("v5p-64", {"data.batch_size": "256"}, "stage 2 step at stage 1's batch (256)"),
+    ("v5e-256", {"data.batch_size": "128"}, "stage 2 at its batch (128)"),
+]
+# Tried in order until one fits; each adds to the config's own settings.
+ATTEMPTS: list[tuple[str, dict[str, str]]] = [
+    ("as configured", {}),
+    ("tensor=2 (fsdp = chips/2): batch rows can be fewer than chips",
+     {"mesh.ici.tensor": "2"}),
+    # sharding.make_mesh maps each mesh axis onto whole physical axes of the torus: on a
+    # 16x16 v5e-256, fsdp=128 x tensor=2 has no such mapping, fsdp=16 x tensor=16 has.
+    ("tensor=16 (fsdp=16): mesh axes that map onto whole axes of a 16x16 torus",
+     {"mesh.ici.tensor": "16"}),
+]
+
+
+def run_case(topology: str, overrides: dict[str, str], what: str, log) -> bool:
+    log(f"== {CONFIG} on {topology}: {what}")
+    for label, extra in ATTEMPTS:
+        settings = {**overrides, **extra}
+        cfg = config_lib.load(CONFIG, list(settings.items()))
+        t0 = time.perf_counter()
+        try:
+            report = aot.compile_report(cfg, topology, assumed_mfu=0.5)
+        except (ValueError, NotImplementedError) as e:
+            log(f"-- {label}: does not build: {str(e).splitlines()[0][:160]}")
+            continue
+        took = time.perf_counter() - t0
+        if report["fits"]:
+            log(f"-- {label} ({', '.join(f'{k}={v}' for k, v in settings.items())}); "
+                f"{took:.0f} s")
+            log(aot.format_report(report))
+            return True
+        total = (report["memory"] or {}).get("total")
+        log(f"-- {label}: does not fit ({aot._gib(total)} GiB per chip"
+            f"{'; ' + report['error'] if report['error'] else ''})")
+    log("-- no attempt fits")
+    return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="", help="also write the output to this file")
+    args = p.parse_args()
+    lines: list[str] = []
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    import jax
+
+    log(f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}, "
+        f"compiled on {os.cpu_count()} CPU cores")
+    ok = all([run_case(topology, overrides, what, log) for topology, overrides, what in CASES])
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

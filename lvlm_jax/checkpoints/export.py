@@ -1,0 +1,84 @@
+"""Params-only checkpoints for inference (`model_config.json` + an orbax `params/` tree), and
+`lvlm export` from a training workdir to them or to a Hugging Face folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lvlm_jax.models import VLMConfig, vlm_config
+
+MODEL_CONFIG = "model_config.json"
+
+
+def check_empty_output(out: str) -> None:
+    """Refuses to write into a folder that already holds files: nothing on disk is lost."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"output {out!r} already exists and is not empty; "
+                              "choose a new folder")
+
+
+def write_model_config(model_cfg: VLMConfig, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MODEL_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(model_cfg), f, indent=2, sort_keys=True)
+
+
+def read_model_config(directory: str) -> VLMConfig:
+    path = os.path.join(directory, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory!r} is not an lvlm_jax checkpoint (no {MODEL_CONFIG})")
+    with open(path) as f:
+        return vlm_config(json.load(f))
+
+
+def save_params_only(model_cfg: VLMConfig, params: Any, out: str) -> None:
+    check_empty_output(out)
+    write_model_config(model_cfg, out)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(os.path.abspath(out), "params"),
+                   jax.tree.map(np.asarray, params))
+        ckptr.wait_until_finished()
+
+
+def load_params_only(directory: str) -> tuple[VLMConfig, Any]:
+    model_cfg = read_model_config(directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(os.path.abspath(directory), "params"))
+    return model_cfg, jax.tree.map(np.asarray, params)
+
+
+def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None) -> str:
+    """A training workdir's latest (or `step`) params -> `out` as 'params' or 'hf'."""
+    from lvlm_jax.checkpoints.manager import restore_params
+
+    if fmt not in ("params", "hf"):
+        raise ValueError(f"unknown export format {fmt!r}; expected 'params' or 'hf'")
+    check_empty_output(out)
+    model_cfg = read_model_config(workdir)
+    params, step = restore_params(workdir, step)
+    if fmt == "params":
+        save_params_only(model_cfg, params, out)
+    else:
+        from lvlm_jax.checkpoints.hf import export_hf
+
+        export_hf(model_cfg, params, out)
+    return f"exported step {step} of {workdir} as {fmt} to {out}"
+
+
+def import_to_params_only(hf_dir: str, out: str) -> str:
+    """`lvlm import`: an HF folder -> a params-only checkpoint of ours."""
+    from lvlm_jax.checkpoints.hf import import_hf
+
+    check_empty_output(out)
+    model_cfg, params = import_hf(hf_dir)
+    model_cfg = model_cfg if isinstance(model_cfg, VLMConfig) else vlm_config(model_cfg)
+    save_params_only(model_cfg, params, out)
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    return f"imported {hf_dir} ({n / 1e6:.1f}M parameters) to {out}"
