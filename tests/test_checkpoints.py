@@ -126,3 +126,27 @@ def test_partial_loading_reports_and_rejects_shape_mismatches():
     assert "missing 1 (decoder/new)" in report and "unexpected 1 (old/w)" in report
     with pytest.raises(ValueError, match=r"parameter vision/w: checkpoint has shape \(3,\)"):
         merge_params(own, {"vision": {"w": np.ones(3)}})
+
+
+def test_export_params_then_from_pretrained_gives_the_training_logits(tmp_path, uninterrupted):
+    import lvlm_jax
+    from lvlm_jax.checkpoints.export import export_checkpoint
+
+    workdir = tmp_path / "run"
+    proc = start(workdir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    out = tmp_path / "exported"
+    export_checkpoint(str(workdir), "params", str(out))
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        export_checkpoint(str(workdir), "params", str(out))
+    for source in (out, workdir):
+        vlm = lvlm_jax.from_pretrained(str(source))
+        loaded = flat_paths(jax.device_get(vlm.params))
+        assert all(loaded[p].tobytes() == v.tobytes() for p, v in uninterrupted.items())
+        ids = np.full((1, 80), 5, np.int32)
+        ids[0, 2:2 + vlm.config.image_tokens] = vlm.config.image_token_id
+        size = vlm.config.vision.image_size
+        logits = vlm.logits(ids, np.zeros((1, 3, size, size), np.float32))
+        assert logits.shape == (1, 80, vlm.config.language.vocab_size)
+        assert np.all(np.isfinite(logits))
