@@ -78,8 +78,13 @@ def base_config() -> ConfigDict:
         "keep": 3,
         "init_from": "",  # another run's workdir: its latest params start this run
         "init_from_include": None,  # regexes selecting which of them (None: all)
+        "best_metric": "eval_loss",  # the best checkpoint by it is kept beside the last K
+        "best_mode": "min",
     })
-    c.evals = ConfigDict({"every_steps": 0})
+    c.evals = ConfigDict({
+        "every_steps": 0,  # held-out loss every N steps (0: never), logged as eval_loss
+        "num_examples": 256,
+    })
     return c
 
 

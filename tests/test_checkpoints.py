@@ -150,3 +150,47 @@ def test_export_params_then_from_pretrained_gives_the_training_logits(tmp_path, 
         logits = vlm.logits(ids, np.zeros((1, 3, size, size), np.float32))
         assert logits.shape == (1, 80, vlm.config.language.vocab_size)
         assert np.all(np.isfinite(logits))
+
+
+def test_resuming_with_another_model_config_fails_and_keeps_the_workdir(tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    proc = start(workdir)
+    assert proc.wait(timeout=600) == 0
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-m", "lvlm_jax", *TRAIN, f"--workdir={workdir}",
+                          "--config.model.language.num_layers=2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert "holds checkpoints of a different model (model.language.num_layers: checkpoint " \
+           "has 3, this config has 2)" in out.stderr
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_keeps_the_last_k_plus_the_best_by_eval_loss(tmp_path):
+    state = {"w": np.zeros(3, np.float32)}
+    ckpt = Checkpointer(str(tmp_path), keep=2, async_save=True)
+    for step, loss in zip(range(1, 7), [5.0, 1.0, 3.0, 4.0, 6.0, 7.0], strict=True):
+        ckpt.record(step, {"eval_loss": loss})
+        ckpt.save(step, jax.tree.map(lambda x, s=step: x + s, state))
+    ckpt.close()
+    assert finished_steps(tmp_path) == [2, 5, 6]  # the last two, and step 2 (best loss)
+
+
+def test_init_from_loads_the_selected_params_of_another_run(tmp_path):
+    cfg = tiny_config(steps=2)
+    first, _ = loop.train(cfg, str(tmp_path / "a"), batches=random_batches(cfg), log=lambda m: 0)
+    trained = flat_paths(jax.device_get(first.state.params))
+    cfg2 = tiny_config(steps=2, **{"checkpoint.init_from": str(tmp_path / "a"),
+                                   "checkpoint.init_from_include": [r"connector/.*"]})
+    messages = []
+    setup = loop.build(cfg2)
+    fresh = flat_paths(jax.device_get(setup.state.params))
+    merged = flat_paths(loop._initial_params(cfg2, setup, messages.append))
+    assert messages[0].endswith("missing 0, unexpected 0")
+    for path, value in merged.items():
+        expected = trained[path] if path.startswith("connector/") else fresh[path]
+        assert np.array_equal(value, expected), path
+    assert not np.array_equal(fresh["connector/linear_1/kernel"],
+                              trained["connector/linear_1/kernel"])

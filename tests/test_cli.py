@@ -18,7 +18,8 @@ def test_train_writes_config_metrics_and_tensorboard(tmp_path):
     workdir = tmp_path / "run"
     out = lvlm("train", "--config=experiments/demo.py:sft", f"--workdir={workdir}",
                "--config.train.total_steps=3", "--config.data.batch_size=4",
-               "--config.train.log_every=1", "--config.train.progress=false")
+               "--config.train.log_every=1", "--config.train.progress=false",
+               "--config.evals.every_steps=3", "--config.evals.num_examples=8")
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = json.loads((workdir / "config.json").read_text())
     assert cfg["train"]["total_steps"] == 3 and cfg["data"]["batch_size"] == 4
@@ -29,6 +30,8 @@ def test_train_writes_config_metrics_and_tensorboard(tmp_path):
                 "tokens_per_s"):
         assert all(key in r for r in steps), key
     assert any(name.startswith("events") for name in os.listdir(workdir / "tb"))
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3] and evals[0]["eval_loss"] > 0
 
 
 def test_mistyped_config_key_fails_naming_it(tmp_path):

@@ -38,6 +38,32 @@ def read_model_config(directory: str) -> VLMConfig:
         return vlm_config(json.load(f))
 
 
+def check_same_model(workdir: str, model_cfg: VLMConfig) -> None:
+    """Fails, naming the first difference, when `workdir` holds checkpoints of another model."""
+    path = os.path.join(workdir, MODEL_CONFIG)
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+    if not (has_ckpt and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    new = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+
+    def diff(a, b, prefix="model"):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                d = diff(a.get(k), b.get(k), f"{prefix}.{k}")
+                if d:
+                    return d
+            return None
+        return None if a == b else f"{prefix}: checkpoint has {a!r}, this config has {b!r}"
+
+    d = diff(saved, new)
+    if d:
+        raise ValueError(f"{workdir} holds checkpoints of a different model ({d}); use a new "
+                         "workdir or the same model config")
+
+
 def save_params_only(model_cfg: VLMConfig, params: Any, out: str) -> None:
     check_empty_output(out)
     write_model_config(model_cfg, out)

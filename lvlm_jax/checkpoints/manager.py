@@ -8,6 +8,7 @@ killed during a save leaves no checkpoint that `latest_step` would pick up.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -30,12 +31,21 @@ class Checkpointer:
     """Saves and restores `{state, data}` under DIR/checkpoints."""
 
     def __init__(self, workdir: str, every_steps: int = 0, keep: int = 3,
-                 async_save: bool = True, every_minutes: float = 0.0):
+                 async_save: bool = True, every_minutes: float = 0.0,
+                 best_metric: str = "eval_loss", best_mode: str = "min"):
         self.every_steps = int(every_steps)
+        self.keep = int(keep or 0)
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._metrics_path = os.path.join(checkpoint_dir(workdir), "metrics.json")
+        self._metrics: dict[str, dict] = {}
+        if os.path.exists(self._metrics_path):
+            with open(self._metrics_path) as f:
+                self._metrics = json.load(f)
         self.every_seconds = 60.0 * float(every_minutes or 0.0)
         self._last_save = time.monotonic()
+        # Pruning is ours (the last K plus the best by a metric), not orbax's max_to_keep.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep or None,
+            max_to_keep=None,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -59,7 +69,37 @@ class Checkpointer:
             return due
         return False
 
+    def record(self, step: int, metrics: dict) -> None:
+        """Eval metrics of `step`, used to keep the best checkpoint."""
+        self._metrics.setdefault(str(step), {}).update(
+            {k: float(v) for k, v in metrics.items()})
+
+    def best_step(self) -> int | None:
+        scored = [(v[self.best_metric], int(s)) for s, v in self._metrics.items()
+                  if self.best_metric in v and int(s) in self.manager.all_steps()]
+        if not scored:
+            return None
+        return (min(scored) if self.best_mode == "min" else max(scored))[1]
+
+    def _prune(self, room: int = 0) -> None:
+        """Deletes all but the last `keep - room` finished steps and the best one."""
+        if not self.keep:
+            return
+        steps = sorted(self.manager.all_steps())
+        n = max(self.keep - room, 0)
+        keep = set(steps[-n:]) if n else set()
+        best = self.best_step()
+        if best is not None:
+            keep.add(best)
+        for s in steps:
+            if s not in keep:
+                self.manager.delete(s)
+
     def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+        # The previous async save has had a whole step to finish; once it has, older steps
+        # are pruned, leaving room for this one.
+        self.manager.wait_until_finished()
+        self._prune(room=1)
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
             import grain
@@ -67,6 +107,11 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._last_save = time.monotonic()
+        if jax.process_index() == 0 and self._metrics:
+            os.makedirs(os.path.dirname(self._metrics_path), exist_ok=True)
+            with open(self._metrics_path, "w") as f:
+                json.dump(self._metrics, f)
+
 
     def restore(self, abstract_state: Any, data_iterator: Any = None,
                 step: int | None = None) -> tuple[Any, int]:
@@ -93,6 +138,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._prune()
         self.manager.close()
 
 

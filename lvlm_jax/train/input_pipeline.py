@@ -52,6 +52,25 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
     raise ValueError(f"data.source={d.source!r} is not available yet; use 'synthetic'")
 
 
+def make_eval_batches(cfg: Any, model_cfg: VLMConfig):
+    """A function returning a fresh pass over the held-out split (no shuffle, one epoch)."""
+    d = cfg.data
+    tokenizer = load_tokenizer(d)
+    source = make_source(cfg, model_cfg, split="eval")
+    if hasattr(source, "n"):
+        source.n = min(source.n, cfg.evals.num_examples)
+    batch = min(d.batch_size, cfg.evals.num_examples)
+
+    def batches():
+        return make_dataset(
+            source, kind=d.kind, tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
+            image_size=image_size(cfg, model_cfg), image_tokens=model_cfg.image_tokens,
+            max_images=d.max_images, batch_size=batch, seed=cfg.seed, shuffle=False,
+            num_epochs=1)
+
+    return batches
+
+
 def make_input(cfg: Any, workdir: str | None = None
                ) -> tuple[Iterator[dict], VLMConfig, int]:
     """(iterator of this process's batches, resolved model config, dataset size)."""

@@ -253,15 +253,28 @@ class _StopFlag:
 
 
 def _initial_params(cfg, setup: Setup, log) -> Any:
-    """config.checkpoint.init_from: another run's params, whole or selected by regex."""
+    """config.checkpoint.init_from: another run's params, whole or selected by regex, over
+    this run's freshly initialised ones (materialized first)."""
     from lvlm_jax.checkpoints.manager import restore_params
     from lvlm_jax.checkpoints.partial import merge_params
 
     params, step = restore_params(cfg.checkpoint.init_from)
-    own = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), setup.abstract_state.params)
+    own = jax.device_get(setup.state.params)
     merged, report = merge_params(own, params, cfg.checkpoint.get("init_from_include"))
     log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
     return merged
+
+
+def _make_evaluator(cfg, setup: Setup):
+    """params -> {"eval_loss": ...} on the held-out split of the configured source."""
+    from lvlm_jax.evals.runners import eval_loss
+    from lvlm_jax.train import input_pipeline
+
+    stage = get_stage(cfg.stage)
+    ctx = LossContext(setup.model, tuple(cfg.data.image_mean), tuple(cfg.data.image_std),
+                      cfg.train.loss_chunk)
+    batches = input_pipeline.make_eval_batches(cfg, setup.model.cfg)
+    return lambda params: {"eval_loss": eval_loss(ctx, stage, params, batches())}
 
 
 def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
@@ -269,37 +282,47 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
           ) -> tuple[Setup, list[dict]]:
     """Trains cfg.stage to the configured length, logging to `workdir`; resumes from the
     workdir's latest checkpoint when there is one."""
+    from lvlm_jax.checkpoints.export import check_same_model, write_model_config
     from lvlm_jax.checkpoints.manager import Checkpointer
 
-    # ---- config ------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(cfg))
     # ---- input -------------------------------------------------------------------------
     if batches is None:
         from lvlm_jax.train import input_pipeline
 
         batches, model_cfg, dataset_size = input_pipeline.make_input(cfg, workdir)
-    # ---- state: resumed, chained from another run, or fresh ----------------------------
+    # ---- config ------------------------------------------------------------------------
     setup = plan(cfg, model_cfg, dataset_size)
+    # A workdir that holds another model's checkpoints is refused before anything is written.
+    check_same_model(workdir, setup.model.cfg)
+    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        from lvlm_jax.checkpoints.export import write_model_config
-
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
         write_model_config(setup.model.cfg, workdir)  # what export and generate rebuild
+    # ---- state: resumed, chained from another run, or fresh ----------------------------
     ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
-                        every_minutes=cfg.checkpoint.every_minutes)
+                        every_minutes=cfg.checkpoint.every_minutes,
+                        best_metric=cfg.checkpoint.best_metric,
+                        best_mode=cfg.checkpoint.best_mode)
     if ckpt.latest_step() is not None:
         setup.state, step = ckpt.restore(setup.abstract_state, batches)
         log(f"resumed from {workdir}/checkpoints/{step}")
     else:
-        if init_params is None and cfg.checkpoint.init_from:
-            init_params = _initial_params(cfg, setup, log)
         materialize(setup, init_params)
+        if init_params is None and cfg.checkpoint.init_from:
+            setup.state = setup.state.replace(params=jax.device_put(
+                _initial_params(cfg, setup, log), setup.state_shardings.params))
     writer = MetricsWriter(workdir)
     t0 = time.perf_counter()
 
+    evaluate = _make_evaluator(cfg, setup) if cfg.evals.every_steps else None
+
     def after_step(step: int, state: TrainState) -> bool:
+        if evaluate is not None and (step % cfg.evals.every_steps == 0
+                                     or step == setup.total_steps):
+            metrics = evaluate(state.params)
+            writer.write(step, metrics)
+            ckpt.record(step, metrics)
         if stop.requested or ckpt.should_save(step):
             ckpt.save(step, state, batches)
         return stop.requested
