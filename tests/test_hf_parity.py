@@ -324,3 +324,25 @@ def test_single_towers_import_and_match(tmp_path, arch):
     got = got if isinstance(got, tuple) else (got,)
     for g, w in zip(got, want, strict=True):
         assert np.abs(np.asarray(g) - w.numpy()).max() <= TOL
+
+
+def test_lvlm_import_cli_writes_a_checkpoint_with_the_same_logits(saved, handles, tmp_path):
+    import subprocess
+    import sys
+
+    path, model = saved["llava_clip_llama"]
+    out = tmp_path / "imported"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    run = subprocess.run([sys.executable, "-m", "lvlm_jax", "import", f"--hf={path}",
+                          f"--out={out}"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "imported" in run.stdout
+    ids, pixels, mask = _llava_inputs()
+    ours = lvlm_jax.from_pretrained(str(out)).logits(ids, pixels, attention_mask=mask)
+    ref = _hf_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    m = mask.astype(bool)
+    assert np.max(np.abs(ours[m] - ref[m])) <= TOL
+    again = subprocess.run([sys.executable, "-m", "lvlm_jax", "import", f"--hf={path}",
+                            f"--out={out}"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "already exists and is not empty" in again.stderr
