@@ -45,8 +45,9 @@ def test_greedy_decoding_equals_argmax_of_full_forward_passes(model_and_params):
     out = generate_tokens(model, params, ids, seg, pixels, jax.random.PRNGKey(0),
                           max_new_tokens=6)
     seq = list(row)
+    forward = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px)[0])
     for i in range(6):
-        logits, _ = model.apply({"params": params}, np.array([seq], np.int32), pixels)
+        logits = forward(params, np.array([seq], np.int32), pixels)
         logp = jax.nn.log_softmax(logits[0, -1])
         nxt = int(np.argmax(logits[0, -1]))
         assert int(out["tokens"][0, i]) == nxt
