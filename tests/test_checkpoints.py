@@ -194,3 +194,22 @@ def test_init_from_loads_the_selected_params_of_another_run(tmp_path):
         assert np.array_equal(value, expected), path
     assert not np.array_equal(fresh["connector/linear_1/kernel"],
                               trained["connector/linear_1/kernel"])
+
+
+def test_a_half_written_checkpoint_is_never_picked_up(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, {"w": np.full(4, 3.0, np.float32)})
+    ckpt.close()
+    # What a process killed mid-save leaves behind: orbax's temporary folder for step 4, with
+    # part of its files.
+    partial = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half.bin").write_bytes(b"\0" * 10)
+    reader = Checkpointer(str(tmp_path))
+    assert reader.latest_step() == 3
+    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0]))}
+    state, step = reader.restore(abstract)
+    reader.close()
+    assert step == 3 and np.array_equal(np.asarray(state["w"]), np.full(4, 3.0))

@@ -9,6 +9,7 @@ killed during a save leaves no checkpoint that `latest_step` would pick up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -121,11 +122,19 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError("no checkpoint to restore")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = "data" in self.saved_items(step)
-        if data_iterator is not None and has_data:
-            import grain
+        data_dir = os.path.join(str(self.manager.directory), str(step), "data")
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if data_iterator is not None and os.path.isdir(data_dir):
+            if os.path.exists(os.path.join(data_dir, mine)):
+                import grain
 
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                # Saved by a different number of processes: the model state reshards, but
+                # each process's position in its own shard of the data does not carry over.
+                logging.warning("the data-iterator state of step %d was saved by another "
+                                "number of processes (no %s); the input restarts from the "
+                                "beginning of its order", step, mine)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], step
 
