@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.tokenizer import Tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
@@ -49,7 +50,21 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
     if d.source == "synthetic":
         return SyntheticSource(d.kind, d.num_examples, seed=cfg.seed,
                                image_size=image_size(cfg, model_cfg), split=split)
-    raise ValueError(f"data.source={d.source!r} is not available yet; use 'synthetic'")
+    if d.source == "arrayrecord":
+        if not d.path:
+            raise ValueError("data.source='arrayrecord' needs data.path=DIR "
+                             "(the shards written by `lvlm data convert`)")
+        try:
+            source = ArrayRecordSource(d.path, split=split)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.path={d.path!r}: {e}") from e
+        # A kind mismatch would otherwise surface as every record skipped as malformed.
+        if source.kind is not None and source.kind != d.kind:
+            raise ValueError(f"data.path={d.path!r} holds {source.kind!r} records but "
+                             f"data.kind is {d.kind!r}")
+        return source
+    raise ValueError(f"data.source={d.source!r} is not available yet; "
+                     "use 'synthetic' or 'arrayrecord'")
 
 
 def make_eval_batches(cfg: Any, model_cfg: VLMConfig):
