@@ -1,4 +1,4 @@
-"""The `lvlm` command (also `python -m lvlm_jax`): demo, train, compile, import, export.
+"""The `lvlm` command (also `python -m lvlm_jax`): demo, train, generate, compile, import, export.
 
 Subcommands take `--config=FILE[:ARG]` plus `--config.a.b=value` overrides on a locked config;
 a mistyped key fails with one line naming it.
@@ -7,6 +7,7 @@ a mistyped key fails with one line naming it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -45,9 +46,38 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="hf", choices=("hf", "params"))
     e.add_argument("--out", required=True)
     e.add_argument("--step", type=int, default=None)
+    g = sub.add_parser("generate", help="answer a prompt about images with a trained run")
+    g.add_argument("--checkpoint", required=True,
+                   help="a training workdir, or a params-only checkpoint with the run's "
+                        "config.json beside it")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image; repeat for several (one <image> each, in order)")
+    g.add_argument("--prompt", default=None,
+                   help="the question; with --chat, the optional first turn")
+    g.add_argument("--chat", action="store_true",
+                   help="a multi-turn session on stdin, one turn a line; /quit or EOF ends")
+    g.add_argument("--max_new_tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
     i = sub.add_parser("import", help="an HF folder (LLaVA, PaliGemma) -> params-only checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
+    dt = sub.add_parser("data", help="dataset tools")
+    dsub = dt.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("convert", help="LLaVA JSON, caption JSONL or preference JSON -> "
+                                         "ArrayRecord shards for --config.data.path")
+    dc.add_argument("--format", required=True, help="llava | captions | preferences")
+    dc.add_argument("--input", required=True, help="a JSON list or JSONL file")
+    dc.add_argument("--images", default=None,
+                    help="the folder image paths are relative to (default: the input's)")
+    dc.add_argument("--out", required=True, help="a new or empty folder for the shards")
+    dc.add_argument("--num_shards", type=int, default=None,
+                    help="default: one per 50,000 records")
+    dc.add_argument("--workers", type=int, default=None, help="processes; default: all cores")
+    dc.add_argument("--max_pixels", type=int, default=None,
+                    help="larger images are skipped (default: PIL's decompression-bomb limit)")
     return p
 
 
@@ -83,6 +113,26 @@ def _quiet_libtpu_on_hosts_without_tpus() -> None:
     os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia*") else "cpu"
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from lvlm_jax import chat
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if not args.chat:
+        if args.prompt is None:
+            raise chat.BadInput("the prompt is empty; give --prompt=TEXT (or --chat)")
+        chat.check_request(args.image, args.prompt, **sampling)  # before the slow load
+        print(chat.answer(chat.load(args.checkpoint), args.image, args.prompt, **sampling))
+        return 0
+    chat.check_sampling(**sampling)
+    chat.check_image_files(args.image)
+    turns = [args.prompt] if args.prompt else []
+    bot = chat.load(args.checkpoint)
+    chat.chat(bot, args.image, itertools.chain(turns, sys.stdin), sys.stdout, sys.stderr,
+              interactive=sys.stdin.isatty(), **sampling)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libtpu_on_hosts_without_tpus()
     from lvlm_jax import config as config_lib
@@ -110,6 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lvlm_jax.checkpoints.export import import_to_params_only
 
             print(import_to_params_only(args.hf, args.out))
+            return 0
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "data":
+            from data_pipelines import convert
+
+            extra = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+            report = convert.convert(args.format, args.input, args.images, args.out,
+                                     num_shards=args.num_shards, workers=args.workers, **extra)
+            print(report.summary())
             return 0
         cfg = config_lib.load(args.config, overrides)
         if args.command == "train":
