@@ -24,7 +24,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FULL = dict(
     vision=dict(image_size=224, patch_size=16, width=256, depth=4, mlp_dim=1024, num_heads=4),
     language=dict(vocab_size=32000, embed_dim=512, num_layers=4, num_heads=8, mlp_dim=1408),
-    text_tokens=32, new_tokens=128, batches=(1, 16), repeats=3,
+    text_tokens=32, new_tokens=128, batches=(1, 16), repeats=5,
 )
 QUICK = dict(  # a seconds-long run that exercises the same code
     vision=dict(image_size=32, patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2),

@@ -128,8 +128,12 @@ def _generate(args: argparse.Namespace) -> int:
     chat.check_image_files(args.image)
     turns = [args.prompt] if args.prompt else []
     bot = chat.load(args.checkpoint)
-    chat.chat(bot, args.image, itertools.chain(turns, sys.stdin), sys.stdout, sys.stderr,
-              interactive=sys.stdin.isatty(), **sampling)
+    try:
+        chat.chat(bot, args.image, itertools.chain(turns, sys.stdin), sys.stdout, sys.stderr,
+                  interactive=sys.stdin.isatty(), **sampling)
+    except KeyboardInterrupt:  # Ctrl-C ends a session as /quit does, without a traceback
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

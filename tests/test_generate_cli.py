@@ -99,3 +99,24 @@ def test_bad_input_fails_with_one_line_and_exit_2(run, case):
         assert os.path.basename(image) in last
     if case == "too_long_prompt":
         assert re.search(r"\d+ tokens .* context \(language.max_length\) is 256", last), last
+
+
+def test_generate_bench_runs_quick():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = _env()  # the real CPU, without conftest's fake devices
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "generate.py"), "--quick",
+                           "--no_unscanned"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "greedy check, lvlm_jax vs HF" in proc.stdout and "DIFFER" not in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("generate: batch")]
+    kinds = [(b, kind) for b in (1, 16) for kind in ("decode only", "prefill+decode")]
+    assert len(lines) == len(kinds), proc.stdout
+    for line, (batch, kind) in zip(lines, kinds, strict=True):
+        m = re.fullmatch(rf"generate: batch {batch}, {re.escape(kind)}: lvlm_jax (\d+\.\d) "
+                         r"tok/s, HF (\d+\.\d) tok/s, ratio (\d+\.\d\d)x", line)
+        assert m, line
+        ours, hf, ratio = map(float, m.groups())
+        assert ours > 0 and hf > 0
+        assert ratio == pytest.approx(ours / hf, rel=0.02, abs=0.01)
