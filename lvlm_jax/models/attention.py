@@ -60,6 +60,16 @@ class MaskInfo:
 
 
 def _xla_attention(q, k, v, mask: MaskInfo | None, scale: float, softcap: float | None):
+    if softcap:
+        return _xla_attention_autodiff(q, k, v, mask, scale, softcap)
+    bias = None
+    if mask is not None:  # additive, so its backward is the identity (no select on [b,h,t,s])
+        bias = jnp.where(mask.dense()[:, :, None], 0.0, jnp.finfo(jnp.float32).min)
+    return _attention(q, k, v, bias, scale)
+
+
+def _xla_attention_autodiff(q, k, v, mask: MaskInfo | None, scale: float,
+                            softcap: float | None):
     b, t, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, d)
@@ -74,6 +84,51 @@ def _xla_attention(q, k, v, mask: MaskInfo | None, scale: float, softcap: float 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, h, d)
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v with a hand-written backward: the softmax term comes from
+    sum(dout * out) over head_dim instead of a reduction over [b, h, t, s], and no mask select."""
+    return _attention_fwd(q, k, v, bias, scale)[0]
+
+
+def _attention_fwd(q, k, v, bias, scale):
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                        precision=_HI) * scale
+    if bias is not None:
+        logits = logits + bias
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=_HI)
+    out = out.reshape(b, t, h, d)
+    return out, (q, k, v, probs, out, bias)
+
+
+def _attention_bwd(scale, res, dout):
+    q, k, v, probs, out, bias = res
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    split = lambda x: x.reshape(b, t, kvh, h // kvh, d)  # noqa: E731
+    g = split(dout)
+    dv = jnp.einsum("bkgts,btkgd->bskd", probs.astype(g.dtype), g, precision=_HI)
+    dprobs = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=jnp.float32,
+                        precision=_HI)
+    delta = jnp.einsum("btkgd,btkgd->bkgt", g.astype(jnp.float32),
+                       split(out).astype(jnp.float32), precision=_HI)
+    dlogits = (probs * (dprobs - delta[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", dlogits, k, precision=_HI).reshape(b, t, h, d)
+    dk = jnp.einsum("bkgts,btkgd->bskd", dlogits, split(q), precision=_HI)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), (
+        None if bias is None else jnp.zeros_like(bias))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _jax_attention(q, k, v, mask: MaskInfo | None, scale: float, implementation: str | None):

@@ -6,6 +6,8 @@ Every parameter is created with logical axis names (see DESIGN.md, "Logical axes
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,8 +78,49 @@ def dense(
         kernel_init=param_init(kernel_init or nn.initializers.lecun_normal(), kernel_axes),
         bias_init=param_init(nn.initializers.zeros_init(), tuple(kernel_axes)[-n_out:]),
         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
+        dot_general=cpu_dense_dot_general if jax.default_backend() == "cpu" else None,
         name=name,
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: Array, w: Array, precision: Any = None) -> Array:
+    return jnp.dot(x, w, precision=precision)
+
+
+def _matmul_fwd(x, w, precision):
+    return _matmul(x, w, precision), (x, w)
+
+
+def _matmul_bwd(hi, res, g):
+    x, w = res
+    dx = jnp.dot(g, w.T, precision=hi)
+    # XLA:CPU's dot kernels want the contracting dimension minor: left to itself, layout
+    # assignment transposes the (larger) output gradient inside its producer fusion, which is
+    # slow. Transpose the smaller operand explicitly instead; the barrier keeps it materialised.
+    if x.size <= g.size:
+        dw = jnp.dot(jax.lax.optimization_barrier(x.T), g, precision=hi)
+    else:
+        dw = jnp.dot(jax.lax.optimization_barrier(g.T), x, precision=hi).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def cpu_dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                          preferred_element_type=None):
+    """DenseGeneral's contraction (trailing lhs axes with leading rhs axes) as one 2-D matmul
+    with a CPU-friendly weight gradient; anything else goes to lax.dot_general."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    n = len(lc)
+    if (lb or rb or tuple(rc) != tuple(range(n))
+            or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or lhs.dtype != rhs.dtype):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    k = math.prod(lhs.shape[lhs.ndim - n:])
+    out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
+    return out.reshape(*lhs.shape[:lhs.ndim - n], *rhs.shape[n:])
 
 
 class RMSNorm(nn.Module):
