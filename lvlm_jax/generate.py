@@ -50,12 +50,27 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
     return logits
 
 
+def first_argmax(logits: Array) -> Array:
+    """jnp.argmax over the last axis (ties go to the first index), as a max and then the first
+    index holding it: XLA:CPU's argmax reduction is ~10x slower (2.4 ms vs 0.23 on [16, 32000])."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    # A NaN row has no element equal to its max; jnp.argmax would return the NaN's index.
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: Array, rng: Array, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0) -> Array:
+    """Greedy (temperature 0: the first index of the maximum) or sampled next tokens."""
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _logits_from_hidden(model: Any, hidden: Array) -> Array:
+    return model.decoder.logits_from_hidden(hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
@@ -76,9 +91,12 @@ def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Arra
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     prefix = (segment_ids > 0) if prefix_lm else None
     cache = model.apply(variables, b, t + max_new_tokens, method=model.init_cache)
-    logits, cache = model.apply(variables, input_ids, pixel_values, segment_ids=segment_ids,
-                                positions=positions, prefix_mask=prefix, cache=cache)
-    last = logits[:, -1].astype(jnp.float32)
+    hidden, cache = model.apply(variables, input_ids, pixel_values, segment_ids=segment_ids,
+                                positions=positions, prefix_mask=prefix, cache=cache,
+                                return_hidden=True)
+    # The LM head on the last prompt position only: the others' logits are never used.
+    last = model.apply(variables, hidden[:, -1:], method=_logits_from_hidden)[:, 0]
+    last = last.astype(jnp.float32)
     next_pos = positions[:, -1] + 1
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     media_ids = None
@@ -97,7 +115,8 @@ def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Arra
         i, cache, last, done, tokens, logps, lengths, rng = carry
         rng, sub = jax.random.split(rng)
         tok = sample(last, sub, temperature, top_k, top_p)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], 1)[:, 0]
+        logp = (jnp.take_along_axis(last, tok[:, None], 1)[:, 0]
+                - jax.nn.logsumexp(last, axis=-1))
         tok = jnp.where(done, pad_id, tok)
         tokens = tokens.at[:, i].set(tok)
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lvlm_jax.models import layers
-from lvlm_jax.models.attention import MaskInfo, dot_product_attention
+from lvlm_jax.models.attention import MaskInfo, cached_attention, dot_product_attention
 from lvlm_jax.models.config_utils import from_dict
 
 Array = jax.Array
@@ -119,18 +119,40 @@ class Attention(nn.Module):
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
         new_cache = None
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(
-                layer_cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(
-                layer_cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                    implementation=cfg.attention)
+        if layer_cache is None:
+            out = dot_product_attention(q, k, v, mask, implementation=cfg.attention)
+        else:
+            k, v, new_cache = _write_cache(layer_cache, k, v, cache_index)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            if cfg.attention == "xla":
+                out = cached_attention(q, k, v, mask)
+            else:  # the fused kernels take the token-major layout
+                out = dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask,
+                                            implementation=cfg.attention)
         out = checkpoint_name(out, "attn_out")
         out = layers.dense(cfg.embed_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
                            dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
         return checkpoint_name(out, "out_proj"), new_cache
+
+
+def _write_cache(layer_cache: dict, k: Array, v: Array, index: Array):
+    """Writes k, v [b, t, kv_heads, x] at cache slot `index`.
+
+    Returns this layer's cached k, v [b, kv_heads, len, x] and the new cache. A cache holding
+    "layer" is the whole [layers, ...] stack: it is updated at that layer, so that inside the
+    decode loop XLA writes the new token in place instead of copying the stack every step.
+    """
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    if "layer" not in layer_cache:
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            buf, new.astype(buf.dtype), index, axis=2)
+        ks, vs = put(layer_cache["k"], k), put(layer_cache["v"], v)
+        return ks, vs, {"k": ks, "v": vs}
+    i = layer_cache["layer"]
+    put = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
+        buf, new[None].astype(buf.dtype), (i, 0, 0, index, 0))
+    ks, vs = put(layer_cache["k"], k), put(layer_cache["v"], v)
+    return ks[i], vs[i], dict(layer_cache, k=ks, v=vs)
 
 
 class GatedMLP(nn.Module):
@@ -170,10 +192,11 @@ class DecoderLayer(nn.Module):
 
 
 def init_cache(cfg: LanguageConfig, batch: int, length: int, dtype: Any = None) -> dict:
-    """An empty KV cache for `length` tokens: per-layer k/v stacked on a leading layer axis,
-    plus the positions, segment ids and prefix flags of the cached tokens and the write index."""
+    """An empty KV cache for `length` tokens: k/v [layers, batch, kv_heads, length, head_dim]
+    (head-major, so decode attention is a plain batched matmul), plus the positions, segment ids
+    and prefix flags of the cached tokens and the write index."""
     dtype = layers.to_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -281,6 +304,12 @@ class _Unscanned(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, layer_caches, media):
+        if layer_caches is not None and not self.with_media:
+            cache = layer_caches
+            for i in range(self.n):
+                x, cache = self.block(self.cfg, name=f"{self.prefix}_{i}")(
+                    x, positions, mask, cache_index, dict(cache, layer=i))
+            return x, {"k": cache["k"], "v": cache["v"]}
         new = []
         for i in range(self.n):
             lc = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
@@ -304,6 +333,9 @@ class _Scanned(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index, layer_caches, media):
+        if layer_caches is not None and not self.with_media:
+            return _scan_carrying_cache(self.block(self.cfg, name=self.prefix), self.n, x,
+                                        positions, mask, cache_index, layer_caches)
         bcast = (nn.broadcast,) * (4 if self.with_media else 3)
         scanned = nn.scan(
             self.block,
@@ -316,6 +348,24 @@ class _Scanned(nn.Module):
         extra = (media,) if self.with_media else ()
         return scanned(self.cfg, name=self.prefix)(x, positions, mask, cache_index, layer_caches,
                                                    *extra)
+
+
+def _scan_carrying_cache(block, n, x, positions, mask, cache_index, layer_caches):
+    """Decoding with a scanned stack: the whole cache rides in the scan carry and each layer
+    writes its slot in place (as a scanned output it would be re-stacked, a full copy, every
+    step). `block` is the same named module the training path scans: same param layout."""
+
+    def body(block, carry, positions, mask, cache_index):
+        x, cache = carry
+        x, cache = block(x, positions, mask, cache_index, cache)
+        return (x, dict(cache, layer=cache["layer"] + 1)), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * 3, length=n,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    cache = dict(layer_caches, layer=jnp.zeros((), jnp.int32))
+    (x, cache), _ = scan(block, (x, cache), positions, mask, cache_index)
+    return x, {"k": cache["k"], "v": cache["v"]}
 
 
 def _make_stack(block, cfg, n, prefix, with_media=False):
