@@ -100,13 +100,19 @@ def load(checkpoint: str) -> Chatbot:
                    image_mode=data.get("image_mode", "pad"))
 
 
+def _check_image_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise BadInput(f"image {path!r} is a folder, not an image file")
+    if not os.path.isfile(path):
+        raise BadInput(f"image {path!r} does not exist")
+
+
 def check_image_files(paths: Sequence[str]) -> None:
     """Fails on a path that is not a readable image file, before anything slow is loaded."""
     from PIL import Image
 
     for path in paths:
-        if not os.path.isfile(path):
-            raise BadInput(f"image {path!r} does not exist")
+        _check_image_path(path)
         try:
             with Image.open(path) as img:
                 img.verify()
@@ -132,8 +138,7 @@ def read_images(bot: Chatbot, paths: Sequence[str]) -> np.ndarray | None:
         return None
     prepared = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise BadInput(f"image {path!r} does not exist")
+        _check_image_path(path)
         try:
             prepared.append(prepare_image(path, bot.image_size, bot.image_mode))
         except (OSError, ValueError, TypeError) as e:  # PIL's UnidentifiedImageError is an OSError

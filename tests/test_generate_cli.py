@@ -73,13 +73,15 @@ def test_chat_keeps_history_over_two_turns_on_stdin(run):
     assert "<image>" not in conversation[2]["value"]
 
 
-@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "empty_prompt",
-                                  "too_long_prompt"])
+@pytest.mark.parametrize("case", ["missing_image", "folder_image", "not_an_image",
+                                  "empty_prompt", "no_prompt", "too_long_prompt"])
 def test_bad_input_fails_with_one_line_and_exit_2(run, case):
     image, message = run["image"], None
     prompt = "What shape is it?"
     if case == "missing_image":
         image, message = str(run["base"] / "nope.png"), "does not exist"
+    elif case == "folder_image":
+        image, message = str(run["base"]), "is a folder, not an image file"
     elif case == "not_an_image":
         image = str(run["base"] / "notes.png")
         with open(image, "w") as f:
@@ -87,15 +89,17 @@ def test_bad_input_fails_with_one_line_and_exit_2(run, case):
         message = "is not a readable image"
     elif case == "empty_prompt":
         prompt, message = "   ", "the prompt is empty"
+    elif case == "no_prompt":
+        prompt, message = None, "the prompt is empty; give --prompt=TEXT"
     else:  # the demo model's context is 256 tokens
         prompt, message = "square circle " * 200, "the prompt is too long"
-    out = lvlm("generate", f"--checkpoint={run['workdir']}", f"--image={image}",
-               f"--prompt={prompt}")
+    flags = [] if prompt is None else [f"--prompt={prompt}"]
+    out = lvlm("generate", f"--checkpoint={run['workdir']}", f"--image={image}", *flags)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("lvlm generate: ") and message in last, last
-    if case in ("missing_image", "not_an_image"):
+    if case in ("missing_image", "folder_image", "not_an_image"):
         assert os.path.basename(image) in last
     if case == "too_long_prompt":
         assert re.search(r"\d+ tokens .* context \(language.max_length\) is 256", last), last

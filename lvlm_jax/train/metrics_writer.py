@@ -1,5 +1,6 @@
 """Writes metrics to the workdir: metrics.jsonl (one object per logged step or eval) and
-TensorBoard events under tb/. Only process 0 writes."""
+TensorBoard events under tb/ (scalars, and images of rendered eval examples). Only process 0
+writes."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8 [H, W, 3] images as TensorBoard image summaries, one per tag."""
+        if self._tb is None:
+            return
+        for tag, image in images.items():
+            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
