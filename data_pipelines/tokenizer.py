@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -46,6 +48,51 @@ def train_tokenizer(
     return f"{out_prefix}.model"
 
 
+def train_chat_tokenizer(
+    lines: Iterable[str], out_prefix: str, vocab_size: int, model_type: str = "bpe"
+) -> str:
+    """`train_tokenizer` for our chat templates: `<image>` and every template marker are single
+    pieces, and the templates' fixed texts join the corpus. The demo tokenizer is made this way."""
+    from data_pipelines.templates import SPECIAL_MARKERS, template_texts
+
+    corpus = itertools.chain(lines, template_texts())
+    return train_tokenizer(corpus, out_prefix, vocab_size, model_type,
+                           user_defined_symbols=(IMAGE_MARK, *SPECIAL_MARKERS))
+
+
+def read_corpus(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
+    """The non-empty lines of UTF-8 text files, streamed; missing files raise before any is read."""
+    if not paths:
+        raise ValueError("no corpus files given")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"corpus file(s) not found: {', '.join(missing)}")
+
+    def lines() -> Iterator[str]:
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                yield from (line.rstrip("\n") for line in f if line.strip())
+
+    return lines()
+
+
+def train_corpus_files(paths: Sequence[str | os.PathLike], out_prefix: str, vocab_size: int,
+                       model_type: str = "bpe") -> str:
+    """`train_chat_tokenizer` on the lines of text files (`lvlm data train-tokenizer`); returns
+    the path of the `.model`."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    lines = read_corpus(paths)
+    first = next(lines, None)
+    if first is None:
+        raise ValueError(f"the corpus {', '.join(map(str, paths))} holds no text")
+    try:
+        return train_chat_tokenizer(itertools.chain([first], lines), out_prefix, vocab_size,
+                                    model_type)
+    except RuntimeError as e:  # sentencepiece's own words, e.g. a vocab_size below the needed
+        raise ValueError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from e
+
+
 class Tokenizer:
     """A trained SentencePiece model with the special ids (pad 0, unk 1, bos 2, eos 3)."""
 
@@ -57,6 +104,13 @@ class Tokenizer:
                 "(train one with data_pipelines.tokenizer.train_tokenizer)"
             )
         self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+
+    # Pickled by path, so grain worker processes load their own copy of the model.
+    def __getstate__(self) -> dict[str, str]:
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["model_path"])
 
     @property
     def vocab_size(self) -> int:

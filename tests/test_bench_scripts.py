@@ -34,3 +34,19 @@ def test_train_step_cpu_bench_runs_quick():
     ours, hf, ratio = map(float, m.groups())
     assert ours > 0 and hf > 0
     assert ratio == pytest.approx(ours / hf, rel=0.02, abs=0.01)
+
+
+def test_data_loader_bench_runs_quick():
+    pytest.importorskip("torch")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "data_loader.py"), "--quick"],
+        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "max |diff| = 0" in proc.stdout  # ours and torch make the same uint8 pixels
+    m = re.fullmatch(r"data_loader: ours (\d+\.\d+) img/s, torch (\d+\.\d+) img/s, "
+                     r"ceiling (\d+\.\d+) img/s, 1 workers, ratio (\d+\.\d+)x", lines[-1])
+    assert m, lines[-1]
+    ours, torch, ceiling, ratio = map(float, m.groups())
+    assert ours > 0 and torch > 0 and ceiling > 0
+    assert ratio == pytest.approx(ours / torch, rel=0.02, abs=0.01)

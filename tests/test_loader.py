@@ -257,8 +257,8 @@ def test_epochs_are_reshuffled_and_num_epochs_ends_the_data(tok):
 def test_bad_arguments_fail_with_clear_messages(tok):
     with pytest.raises(ValueError, match="unknown chat template 'nope'"):
         _dataset(tok, template="nope")
-    with pytest.raises(ValueError, match="unknown record kind"):
-        _dataset(tok, kind="preference")
+    with pytest.raises(ValueError, match="unknown record kind 'rollout'"):
+        _dataset(tok, kind="rollout")
     with pytest.raises(ValueError, match="shard_index"):
         _dataset(tok, shard_index=2, shard_count=2)
 

@@ -87,3 +87,57 @@ def test_missing_model_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.model"
     with pytest.raises(FileNotFoundError, match="nope.model"):
         Tokenizer(str(missing))
+
+
+def test_train_tokenizer_command_makes_template_markers_single_pieces(corpus, tmp_path, capsys):
+    from data_pipelines.templates import SPECIAL_MARKERS, render
+    from lvlm_jax import cli
+
+    (tmp_path / "a.txt").write_text("\n".join(corpus[:100]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(corpus[100:]) + "\n\nthe quick brown fox.\n")
+    prefix = tmp_path / "out" / "chat"
+    rc = cli.main(["data", "train-tokenizer", f"--input={tmp_path / 'a.txt'},{tmp_path / 'b.txt'}",
+                   "--vocab_size=300", f"--out={prefix}"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == f"{prefix}.model"
+    tokenizer = Tokenizer(f"{prefix}.model")
+    assert tokenizer.vocab_size <= 300
+    assert tokenizer.id_to_piece(tokenizer.image_id) == "<image>"
+    for marker in SPECIAL_MARKERS:
+        assert tokenizer.id_to_piece(tokenizer.piece_to_id(marker)) == marker
+    for text in ["the quick brown fox.", corpus[150], "a red circle and a blue square."]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    turns = [{"from": "human", "value": "<image>\nwhat color is the circle?"},
+             {"from": "gpt", "value": "red."}]
+    for template in ["vicuna_v1", "llama3", "gemma", "chatml"]:
+        ids, _ = render(template, turns, tokenizer, image_tokens=3)
+        assert 1 not in ids.tolist(), template  # no <unk>: template words were in the corpus
+
+
+def test_demo_tokenizer_is_the_train_tokenizer_recipe_on_the_synthetic_corpus(tmp_path):
+    from data_pipelines.loader import DEMO_VOCAB_SIZE, demo_tokenizer
+    from data_pipelines.templates import SPECIAL_MARKERS, template_texts
+
+    demo = demo_tokenizer(tmp_path)
+    # The recipe spelled out: the cached demo_tokenizer_v1 models must stay valid.
+    lines = SyntheticShapes(seed=0).corpus(500) + template_texts()
+    spelled = Tokenizer(train_tokenizer(lines, str(tmp_path / "spelled"), DEMO_VOCAB_SIZE,
+                                        user_defined_symbols=("<image>", *SPECIAL_MARKERS)))
+    assert [demo.id_to_piece(i) for i in range(demo.vocab_size)] == [
+        spelled.id_to_piece(i) for i in range(spelled.vocab_size)]
+
+
+def test_train_tokenizer_command_bad_input_fails_with_one_line(tmp_path, capsys):
+    from lvlm_jax import cli
+
+    (tmp_path / "blank.txt").write_text("\n \n")
+    (tmp_path / "small.txt").write_text("a red circle.\nthe quick brown fox.\n")
+    for args, message in [
+        ([f"--input={tmp_path / 'nope.txt'}", "--vocab_size=100"], "not found: "),
+        ([f"--input={tmp_path / 'blank.txt'}", "--vocab_size=100"], "holds no text"),
+        ([f"--input={tmp_path / 'small.txt'}", "--vocab_size=5"], "Vocabulary size is smaller"),
+        ([f"--input={tmp_path / 'small.txt'}", "--vocab_size=0"], "vocab_size must be >= 1"),
+    ]:
+        rc = cli.main(["data", "train-tokenizer", *args, f"--out={tmp_path / 'o'}"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and message in lines[0], lines
