@@ -146,6 +146,9 @@ def from_pretrained(path: str, *, scan_layers: bool = True) -> VLMHandle:
             from lvlm_jax.checkpoints.manager import restore_params
 
             cfg, (params, _) = read_model_config(path), restore_params(path)
+        from lvlm_jax.train.lora import merge
+
+        params = merge(params)  # a LoRA run's adapters, folded into its kernels
         return VLMHandle(config=cfg, params=jax.device_put(params), model=build_model(cfg))
     hf = read_hf_config(path)
     cfg_dict, params = import_hf(path, scan_layers=scan_layers)

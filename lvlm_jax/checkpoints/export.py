@@ -80,6 +80,9 @@ def load_params_only(directory: str) -> tuple[VLMConfig, Any]:
     return model_cfg, jax.tree.map(np.asarray, params)
 
 
+MODEL_KEYS = {"vision", "connector", "decoder"}
+
+
 def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None) -> str:
     """A training workdir's latest (or `step`) params -> `out` as 'params' or 'hf'."""
     from lvlm_jax.checkpoints.manager import restore_params
@@ -87,15 +90,24 @@ def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None)
     if fmt not in ("params", "hf"):
         raise ValueError(f"unknown export format {fmt!r}; expected 'params' or 'hf'")
     check_empty_output(out)
+    from lvlm_jax.train.lora import merge
+
     model_cfg = read_model_config(workdir)
     params, step = restore_params(workdir, step)
+    params = merge(params)  # a LoRA run exports W + alpha/r * A @ B and no "lora" subtree
     if fmt == "params":
         save_params_only(model_cfg, params, out)
-    else:
-        from lvlm_jax.checkpoints.hf import export_hf
+        return f"exported step {step} of {workdir} as {fmt} to {out}"
+    from lvlm_jax.checkpoints.hf import export_hf
 
-        export_hf(model_cfg, params, out)
-    return f"exported step {step} of {workdir} as {fmt} to {out}"
+    heads = sorted(set(params) - MODEL_KEYS)
+    if "reward_head" in heads:
+        raise ValueError(f"{workdir} holds a reward model: HF's LLaVA/PaliGemma classes have no "
+                         "place for its reward_head; export it with --format=params")
+    # A policy trained by PPO carries its value head: HF gets the policy alone.
+    export_hf(model_cfg, {k: v for k, v in params.items() if k in MODEL_KEYS}, out)
+    dropped = f" (without {', '.join(heads)})" if heads else ""
+    return f"exported step {step} of {workdir} as {fmt} to {out}{dropped}"
 
 
 def import_to_params_only(hf_dir: str, out: str) -> str:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lvlm_jax.train.stages.base import LossContext, Stage
+from lvlm_jax.train.stages.base import LossContext, Stage, with_reference
 
 Array = jax.Array
 
@@ -23,6 +23,9 @@ class TrainState:
     opt_state: Any
     rng: Array
     nonfinite: Array  # how many steps were skipped for a non-finite loss or gradient
+    # The frozen starting params of a stage with uses_reference (see stages/base.py), sharded
+    # like `params`, never updated, checkpointed with the rest; None for other stages.
+    reference: Any = None
 
 
 def split_trainable(params: Any, trainable: Any) -> tuple[list, list, Any]:
@@ -54,12 +57,13 @@ def make_train_step(ctx: LossContext, stage: Stage, tx: optax.GradientTransforma
     """(state, batch) -> (new state, metrics). Loss = sum over supervised tokens / their count,
     over the whole batch, so k micro-batches equal one batch k times larger."""
 
-    def sums_and_grads(params, batch, rng):
+    def sums_and_grads(params, batch, rng, reference):
         train, frozen, spec = split_trainable(params, trainable)
+        lctx = with_reference(ctx, reference)
 
         def f(train_leaves):
             p = merge_trainable(train_leaves, frozen, spec)
-            total, weight, metrics = stage.loss(ctx, p, batch, rng)
+            total, weight, metrics = stage.loss(lctx, p, batch, rng)
             return total, (weight, metrics)
 
         (total, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(train)
@@ -67,17 +71,21 @@ def make_train_step(ctx: LossContext, stage: Stage, tx: optax.GradientTransforma
 
     def step(state: TrainState, batch: Mapping[str, Array]):
         rng = jax.random.fold_in(state.rng, state.step)
+        if stage.uses_reference and state.reference is None:
+            raise ValueError(f"stage {stage.name!r} needs TrainState.reference (the frozen "
+                             "starting params); build the state with loop.plan/materialize")
+        ref = state.reference if stage.uses_reference else None
         if grad_accum == 1:
-            total, weight, metrics, grads = sums_and_grads(state.params, batch, rng)
+            total, weight, metrics, grads = sums_and_grads(state.params, batch, rng, ref)
         else:
             micro = micro_batches(batch, grad_accum)
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(sums_and_grads, state.params, first, rng)
+            shapes = jax.eval_shape(sums_and_grads, state.params, first, rng, ref)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
             def body(acc, xs):
                 mb, i = xs
-                out = sums_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+                out = sums_and_grads(state.params, mb, jax.random.fold_in(rng, i), ref)
                 return jax.tree.map(jnp.add, acc, out), None
 
             (total, weight, metrics, grads), _ = jax.lax.scan(

@@ -1,9 +1,11 @@
 """The training stages, by name. Each is a loss plus the batch it needs; see base.Stage."""
 
-from lvlm_jax.train.stages import pretrain, sft
+from lvlm_jax.train.stages import dpo, grpo, ppo, pretrain, reward, sft
 from lvlm_jax.train.stages.base import LossContext, Stage
 
-STAGES: dict[str, Stage] = {"pretrain": pretrain.STAGE, "sft": sft.STAGE}
+STAGES: dict[str, Stage] = {"pretrain": pretrain.STAGE, "sft": sft.STAGE,
+                            "reward": reward.STAGE, "dpo": dpo.STAGE, "ppo": ppo.STAGE,
+                            "grpo": grpo.STAGE}
 
 
 def get_stage(name: str) -> Stage:
