@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     "grain>=0.2.12",
     "tensorflow-datasets>=4.9.9",
     "array-record>=0.8.1",
+    # tensorflow-datasets imports it for builders defined in a package (data_pipelines.tfds_llava)
+    # but does not declare it
+    "importlib_resources>=6.0",
     "sentencepiece>=0.2.0",
     "ml_collections>=1.1.0",
     "numpy>=1.26",
@@ -17,6 +20,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4.3",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
+    "matplotlib>=3.7",  # curves.png of `lvlm sweep` / `lvlm summarize`
 ]
 
 EXTRAS = {

@@ -35,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
     _add_config(t)
     t.add_argument("--workdir", required=True)
     _add_distributed(t)
+    ev = sub.add_parser("eval", help="run the configured evaluators (evals.tasks) on a "
+                                     "checkpoint of a training workdir")
+    _add_config(ev)
+    ev.add_argument("--workdir", required=True, help="the training workdir")
+    ev.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     c = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology")
     _add_config(c)
     c.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-256, v6e-64, v5p:4x4x4")
@@ -61,6 +66,22 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    sw = sub.add_parser("sweep", help="run (or print) every `lvlm train` of a sweep file, then "
+                                      "summarize them; --config.x=... applies to every run")
+    _add_config(sw)
+    sw.add_argument("--sweep", required=True, help="experiments/sweeps/FILE.py[:ARG]")
+    sw.add_argument("--workdir", required=True, help="each run goes to a subdirectory of it")
+    sw.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    sw.add_argument("--print_only", action="store_true",
+                    help="print one `lvlm train` command per run (for a job array); run nothing")
+    sw.add_argument("--sort_by", default=None,
+                    help="summary column (default eval_loss, else loss); -NAME for descending")
+    sm = sub.add_parser("summarize", help="table, summary.csv and curves.png of run workdirs")
+    sm.add_argument("dirs", nargs="+", metavar="DIR", help="run workdirs, or sweep dirs")
+    sm.add_argument("--out", default=None, help="where summary.csv and curves.png go "
+                                                "(default: DIR, or the DIRs' common parent)")
+    sm.add_argument("--sort_by", default=None,
+                    help="summary column (default eval_loss, else loss); -NAME for descending")
     i = sub.add_parser("import", help="an HF folder (LLaVA, PaliGemma) -> params-only checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
@@ -78,6 +99,15 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("--workers", type=int, default=None, help="processes; default: all cores")
     dc.add_argument("--max_pixels", type=int, default=None,
                     help="larger images are skipped (default: PIL's decompression-bomb limit)")
+    dtt = dsub.add_parser("train-tokenizer", help="a sentencepiece model for --config.data."
+                                                  "tokenizer, with <image> and the chat "
+                                                  "templates' markers as single pieces")
+    dtt.add_argument("--input", required=True,
+                     help="text files, comma-separated; one sentence or document a line")
+    dtt.add_argument("--vocab_size", type=int, required=True,
+                     help="an upper bound: a small corpus gives fewer pieces")
+    dtt.add_argument("--out", required=True, help="PREFIX: writes PREFIX.model, PREFIX.vocab")
+    dtt.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"))
     return p
 
 
@@ -167,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return _generate(args)
+        if args.command == "data" and args.data_command == "train-tokenizer":
+            from data_pipelines import tokenizer
+
+            print(tokenizer.train_corpus_files(args.input.split(","), args.out,
+                                               args.vocab_size, args.model_type))
+            return 0
         if args.command == "data":
             from data_pipelines import convert
 
@@ -175,12 +211,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      num_shards=args.num_shards, workers=args.workers, **extra)
             print(report.summary())
             return 0
+        if args.command == "sweep":
+            from lvlm_jax import sweep
+
+            return sweep.run_sweep(args.config, args.sweep, args.workdir, overrides,
+                                   parallel=args.parallel, print_only=args.print_only,
+                                   sort_by=args.sort_by)
+        if args.command == "summarize":
+            from lvlm_jax import summarize
+
+            print(summarize.summarize_dirs(args.dirs, args.out, args.sort_by))
+            return 0
         cfg = config_lib.load(args.config, overrides)
         if args.command == "train":
             maybe_initialize_distributed(args)
             from lvlm_jax.train import loop
 
             loop.train(cfg, args.workdir)
+            return 0
+        if args.command == "eval":
+            from lvlm_jax.evals.run import evaluate_checkpoint, format_summary
+
+            step, figures = evaluate_checkpoint(cfg, args.workdir, args.step)
+            print(format_summary(step, figures, args.workdir))
             return 0
         if args.command == "compile":
             # Compiling for a TPU topology needs libtpu, not a local TPU: keep jax on the CPU.

@@ -30,8 +30,20 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict({
         "source": "synthetic",  # synthetic | arrayrecord (data.path) | tfds (data.tfds)
         "path": "",
+        # tfds: NAME[/CONFIG][:VERSION] of a dataset prepared in tfds_dir with
+        # file_format="array_record" (our LLaVA builder: lvlm_llava/llava, data_pipelines/
+        # tfds_llava.py; catalogue image+captions sets such as coco_captions: data.kind=caption)
         "tfds": "",
-        "kind": "conversation",  # caption | conversation
+        "tfds_dir": "",  # TFDS data_dir; empty: TFDS's default (~/tensorflow_datasets)
+        "tfds_split": "train",  # any TFDS split string, e.g. "train[:95%]"
+        "tfds_eval_split": "validation",  # read by the held-out evals
+        # A weighted mixture replaces data.source when set: ((SPEC, WEIGHT), ...) with SPEC one of
+        # "synthetic[:KIND]", "arrayrecord:DIR" (alias "path:DIR"), "tfds:NAME[:VERSION]", e.g.
+        # (("arrayrecord:/data/llava665k", 0.7), ("tfds:coco_captions", 0.3)). Examples are drawn
+        # in proportion to the weights (weight 0 drops a source), each source encoded as its own
+        # kind (caption | conversation); deterministic and checkpointable. Evals read data.source.
+        "mixture": (),
+        "kind": "conversation",  # caption | conversation | preference
         "template": "vicuna_v1",
         "num_examples": 4096,  # synthetic set size
         "seq_len": 128,
@@ -42,7 +54,15 @@ def base_config() -> ConfigDict:
         "image_std": (0.5, 0.5, 0.5),
         "tokenizer": "",  # a sentencepiece .model; empty: the demo tokenizer
         "shuffle": True,
-        "worker_count": 0,
+        "worker_count": 0,  # grain worker processes (0: load in the training process)
+        # none: one sample a row, padded | first_fit: several a row (data_pipelines/packing.py);
+        # never for preference pairs
+        "packing": "none",
+        # Bad records are skipped, logged and counted (data/skipped in metrics.jsonl); the run
+        # fails once more than this fraction of the records read were skipped, counted from
+        # skip_budget_after records on (so a few bad records early on do not end a run).
+        "max_skip_fraction": 0.05,
+        "skip_budget_after": 200,
     })
     c.optimizer = ConfigDict({
         "name": "adamw",
@@ -71,6 +91,8 @@ def base_config() -> ConfigDict:
         "max_nonfinite_steps": 5,
         "log_every": 10,
         "progress": True,
+        # [first, last]: a jax.profiler trace of these steps goes to WORKDIR/profile/
+        "profile_steps": (),
     })
     c.checkpoint = ConfigDict({
         "every_steps": 0,  # 0: only at the end (and on SIGTERM)
@@ -82,8 +104,45 @@ def base_config() -> ConfigDict:
         "best_mode": "min",
     })
     c.evals = ConfigDict({
-        "every_steps": 0,  # held-out loss every N steps (0: never), logged as eval_loss
-        "num_examples": 256,
+        # evaluators (lvlm_jax/evals/evaluators.py): eval_loss, vqa, caption, pope, chair,
+        # multiple_choice; run every N steps and at the end (0: never) and by `lvlm eval`
+        "tasks": ("eval_loss",),
+        "every_steps": 0,
+        "num_examples": 256,  # per task (POPE: split over its three splits)
+        "max_new_tokens": 16,
+        "batch_size": 32,
+        "num_rendered": 4,  # examples per task drawn into TensorBoard images
+        # records per task (JSONL or ArrayRecord); empty: the synthetic set's eval split
+        "paths": {"vqa": "", "caption": "", "pope": "", "chair": "", "multiple_choice": ""},
+        "chair_vocabulary": "",  # JSON {name: [synonyms]}; empty: COCO's 80 (synthetic: its own)
+    })
+    # DPO (train/stages/dpo.py): beta scales the policy/reference log-ratio; larger keeps the
+    # policy closer to the reference.
+    c.dpo = ConfigDict({"beta": 0.1})
+    # PPO and GRPO (train/stages/ppo.py, grpo.py) sample responses to data.kind="prompt"
+    # records before every step. reward: "rule" (1 if the normalised response equals the
+    # reference, else 0), "model" (a `reward` stage run at reward_model=WORKDIR) or "both"
+    # (their sum); kl_coef weighs the KL to the frozen reference; epochs: optimizer steps on
+    # each rollout batch before sampling again.
+    c.ppo = ConfigDict({"max_new_tokens": 16, "temperature": 1.0, "kl_coef": 0.05,
+                        "clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "gamma": 1.0,
+                        "lam": 0.95, "whiten_advantages": True, "reward": "rule",
+                        "reward_model": "", "epochs": 1})
+    # GRPO: group_size samples per prompt, advantages normalised within the group, no value
+    # head; kl_coef (the paper's beta) weighs the k3 KL estimate in the loss.
+    c.grpo = ConfigDict({"max_new_tokens": 16, "temperature": 1.0, "kl_coef": 0.04,
+                         "clip_eps": 0.2, "group_size": 4, "reward": "rule",
+                         "reward_model": "", "epochs": 1})
+    # LoRA (lvlm_jax/train/lora.py): rank 0 = off. With rank r, adapters on the kernels matched
+    # by `targets` train (and `trainable` base params); the rest of the model is frozen; the
+    # model runs with W + alpha/r * A @ B.
+    c.lora = ConfigDict({
+        "rank": 0,
+        "alpha": 16.0,
+        "targets": (r"decoder/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                    r"/kernel",),
+        "trainable": (),  # regexes of base parameters that train in full beside the adapters
+        "dropout": 0.0,  # only 0 is supported: adapters are merged before the model runs
     })
     return c
 
@@ -138,6 +197,10 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text
+        if isinstance(current, (list, tuple)) and current and all(
+                isinstance(x, str) for x in current):
+            # A list of names, written bare on the command line: a,b,c
+            return type(current)(p.strip() for p in text.split(",") if p.strip())
         raise ValueError(f"--config.{key}: cannot parse {text!r} as "
                          f"{type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int):

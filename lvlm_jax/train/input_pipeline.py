@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 
 from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
+from data_pipelines.mixture import make_mixture_dataset, open_mixture, parse_mixture
+from data_pipelines.skips import skip_counts
 from data_pipelines.tokenizer import Tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
 
@@ -63,8 +66,34 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
             raise ValueError(f"data.path={d.path!r} holds {source.kind!r} records but "
                              f"data.kind is {d.kind!r}")
         return source
-    raise ValueError(f"data.source={d.source!r} is not available yet; "
-                     "use 'synthetic' or 'arrayrecord'")
+    if d.source == "tfds":
+        return _tfds_source(cfg, split)
+    raise ValueError(f"data.source={d.source!r} is not a source; "
+                     "use 'synthetic', 'arrayrecord' or 'tfds' (or set data.mixture)")
+
+
+def _tfds_source(cfg: Any, split: str):
+    from data_pipelines.tfds_source import TfdsSource  # tensorflow_datasets loads slowly
+
+    d = cfg.data
+    if not d.tfds:
+        raise ValueError("data.source='tfds' needs data.tfds=NAME[:VERSION] (a dataset prepared "
+                         "in data.tfds_dir with file_format='array_record')")
+    tfds_split = d.tfds_split if split == "train" else d.tfds_eval_split
+    if split != "train" and "[" not in tfds_split:  # evals read only their first examples
+        tfds_split = f"{tfds_split}[:{cfg.evals.num_examples}]"
+    # TfdsSource checks data.kind against the dataset's feature layout.
+    return TfdsSource(d.tfds, split=tfds_split, data_dir=d.tfds_dir or None, kind=d.kind)
+
+
+def _mixture_dataset(cfg: Any, model_cfg: VLMConfig, **kwargs: Any):
+    """(the batches of data.mixture, the number of records of its sources)."""
+    d = cfg.data
+    parts = open_mixture(
+        parse_mixture(d.mixture), split="train", default_kind=d.kind,
+        num_examples=d.num_examples, seed=cfg.seed, image_size=image_size(cfg, model_cfg),
+        tfds_dir=d.tfds_dir, tfds_split=d.tfds_split)
+    return make_mixture_dataset(parts, **kwargs), sum(len(source) for source, _, _ in parts)
 
 
 def make_eval_batches(cfg: Any, model_cfg: VLMConfig):
@@ -79,11 +108,17 @@ def make_eval_batches(cfg: Any, model_cfg: VLMConfig):
     def batches():
         return make_dataset(
             source, kind=d.kind, tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
-            image_size=image_size(cfg, model_cfg), image_tokens=model_cfg.image_tokens,
+            image_size=image_size(cfg, model_cfg), image_tokens=text_image_tokens(model_cfg),
             max_images=d.max_images, batch_size=batch, seed=cfg.seed, shuffle=False,
-            num_epochs=1)
+            num_epochs=1, image_mode=d.get("image_mode", "pad"))
 
     return batches
+
+
+def text_image_tokens(model_cfg: VLMConfig) -> int:
+    """Placeholders per image in the token stream: the encoder's token count, or one marker for
+    a cross-attention model, whose image features never enter the stream."""
+    return max(model_cfg.image_tokens, 1)
 
 
 def make_input(cfg: Any, workdir: str | None = None
@@ -93,11 +128,53 @@ def make_input(cfg: Any, workdir: str | None = None
     d = cfg.data
     tokenizer = load_tokenizer(d)
     model_cfg = resolve_model_config(cfg, tokenizer)
-    source = make_source(cfg, model_cfg)
     n_proc = jax.process_count()
-    dataset = make_dataset(
-        source, kind=d.kind, tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
-        image_size=image_size(cfg, model_cfg), image_tokens=model_cfg.image_tokens,
+    common = dict(
+        tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
+        image_size=image_size(cfg, model_cfg), image_tokens=text_image_tokens(model_cfg),
+        image_mode=d.get("image_mode", "pad"),
         max_images=d.max_images, batch_size=d.batch_size // n_proc, seed=cfg.seed,
-        shuffle=d.shuffle, shard_index=jax.process_index(), shard_count=n_proc)
+        shuffle=d.shuffle, shard_index=jax.process_index(), shard_count=n_proc,
+        worker_count=d.worker_count, packing=d.packing, max_skip_fraction=d.max_skip_fraction,
+        min_skip_records=d.skip_budget_after)
+    check_packing(cfg, model_cfg)
+    if d.mixture:
+        dataset, size = _mixture_dataset(cfg, model_cfg, **common)
+        return iter(dataset), model_cfg, size
+    source = make_source(cfg, model_cfg)
+    dataset = make_dataset(source, kind=d.kind, **common)
     return iter(dataset), model_cfg, len(source)
+
+
+def check_packing(cfg: Any, model_cfg: VLMConfig) -> None:
+    """Packing needs a model that keeps samples apart by segment ids alone: a prefix-LM's prefix,
+    an instruction-aware resampler's prompt and cross-attention's media ids are per row."""
+    if cfg.data.packing == "none":
+        return
+    conn = model_cfg.connector
+    why = ("model.prefix_lm" if model_cfg.prefix_lm
+           else "an instruction-aware resampler" if getattr(conn, "instruction_aware", False)
+           else "a cross-attention connector" if conn.kind == "cross_attention" else None)
+    if why:
+        raise ValueError(f"data.packing={cfg.data.packing!r} does not work with {why} (it reads "
+                         "whole rows, not segments); use data.packing='none'")
+
+
+def data_metrics(batches: Any) -> dict[str, float]:
+    """`data/skipped` (bad records skipped so far, all processes) and `data/skipped_fraction`
+    (of the records read), from the iterator state; {} for an iterator that keeps no counts."""
+    get_state = getattr(batches, "get_state", None)
+    if get_state is None:
+        return {}
+    state = get_state()
+    if not isinstance(state, dict):
+        return {}
+    read, skipped = skip_counts(state)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        read, skipped = (int(x) for x in np.sum(multihost_utils.process_allgather(
+            np.array([read, skipped], np.int64)), axis=0))
+    if not read:
+        return {}
+    return {"data/skipped": skipped, "data/skipped_fraction": skipped / read}

@@ -25,9 +25,11 @@ from lvlm_jax import config as config_lib
 from lvlm_jax import sharding
 from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
 from lvlm_jax.train import flops as flops_lib
+from lvlm_jax.train import lora as lora_lib
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
 from lvlm_jax.train.stages import LossContext, get_stage
+from lvlm_jax.train.stages.base import extra_param_keys, with_extra_params
 from lvlm_jax.train.step import TrainState, make_train_step
 
 
@@ -63,8 +65,11 @@ class Setup:
         size = d.image_size or v.image_size
         shapes = {"pixel_values": ((d.batch_size, d.max_images, size, size, 3), jnp.uint8),
                   "loss_mask": ((d.batch_size, d.seq_len), jnp.float32)}
-        return {f: jax.ShapeDtypeStruct(*shapes.get(f, ((d.batch_size, d.seq_len), jnp.int32)),
-                                        sharding=self.batch_shardings[f])
+        # Preference pairs name their fields chosen_loss_mask, rejected_input_ids, ...
+        base = lambda f: f.removeprefix("chosen_").removeprefix("rejected_")  # noqa: E731
+        return {f: jax.ShapeDtypeStruct(
+                    *shapes.get(base(f), ((d.batch_size, d.seq_len), jnp.int32)),
+                    sharding=self.batch_shardings[f])
                 for f in self.batch_shardings}
 
 
@@ -73,6 +78,8 @@ def optimizer_config(cfg) -> dict:
     opt = cfg.optimizer.to_dict()
     if opt.get("freeze") is None:
         opt["freeze"] = list(stage.default_freeze)
+    if lora_lib.enabled(cfg):
+        opt["freeze"] = lora_lib.optimizer_freeze(opt["freeze"], cfg.lora)  # base frozen
     return opt
 
 
@@ -108,6 +115,11 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     init_inputs = dummy_inputs(model_cfg, batch=1)
     # Parameter paths start below the "params" collection: "vision/...", "decoder/...".
     init_fn = lambda rng: model.init(rng, **init_inputs)["params"]  # noqa: E731
+    init_fn = with_extra_params(init_fn, stage, model_cfg)  # a stage's head, if it has one
+    if lora_lib.enabled(cfg):
+        # Adapters join the params under "lora"; the loss sees them merged into the kernels.
+        init_fn = lora_lib.init_with_adapters(init_fn, cfg.lora)
+        stage = lora_lib.merging_stage(stage)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     param_shardings = sharding.logical_shardings(abstract, mesh, rules)
     abstract_params = nn.meta.unbox(abstract)
@@ -119,22 +131,27 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     opt_shardings = sharding.shardings_following_params(abstract_opt, abstract_params,
                                                         param_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # The reference (stages/base.py) is sharded exactly like the policy it is a copy of.
     state_shardings = TrainState(step=replicated, params=param_shardings,
-                                 opt_state=opt_shardings, rng=replicated, nonfinite=replicated)
+                                 opt_state=opt_shardings, rng=replicated, nonfinite=replicated,
+                                 reference=param_shardings if stage.uses_reference else None)
 
     def init_state(seed):
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
         params = nn.meta.unbox(init_fn(init_rng))
+        # Two outputs of one jit are two buffers, as donation of the state needs.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=train_rng,
-                          nonfinite=jnp.zeros((), jnp.int32))
+                          nonfinite=jnp.zeros((), jnp.int32),
+                          reference=params if stage.uses_reference else None)
 
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(init_state, 0), state_shardings)
     # ---- update step -------------------------------------------------------------------
     ctx = LossContext(model=model, image_mean=tuple(cfg.data.image_mean),
-                      image_std=tuple(cfg.data.image_std), loss_chunk=cfg.train.loss_chunk)
+                      image_std=tuple(cfg.data.image_std), loss_chunk=cfg.train.loss_chunk,
+                      config=cfg)
     step = make_train_step(ctx, stage, tx, trainable, schedule, cfg.train.grad_accum)
     batch_shardings = {f: sharding.batch_sharding(mesh, 5 if f == "pixel_values" else 2)
                        for f in stage.fields}
@@ -148,21 +165,34 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
                  jit_init, step_fn, schedule, steps, flops)
 
 
+def _start_from(setup: Setup, params: Any) -> None:
+    """`params` become the policy and, for a stage with a reference, its frozen copy: always
+    fresh buffers (never aliases of the caller's or of each other), since steps donate the state."""
+    put = lambda: jax.device_put(params, setup.state_shardings.params,  # noqa: E731
+                                 may_alias=False)
+    setup.state = setup.state.replace(
+        params=put(), reference=None if setup.state.reference is None else put())
+
+
 def materialize(setup: Setup, init_params: Any = None) -> Setup:
     """Initialises the state directly in its shards: never whole on one device or the host.
 
     `init_params` (a params tree of the same model, e.g. the previous stage's) replaces the
-    random initialisation; the optimizer state starts fresh.
+    random initialisation; the optimizer state starts fresh. The stage's extra parameters (a
+    head) that `init_params` lacks keep their fresh values. For a stage with a reference, the
+    reference is a copy of the starting params.
     """
     # Shardings come from out_shardings; flax's own init-time constraints stay out of the way.
     setup.state = setup.init_state(int(setup.cfg.seed))
     if init_params is not None:
+        init_params = lora_lib.carry_over(init_params, setup.state.params)
+        heads = extra_param_keys(get_stage(setup.cfg.stage), setup.model.cfg) - set(init_params)
+        init_params = {**init_params, **{k: setup.state.params[k] for k in heads}}
         expected = jax.tree.map(lambda s: (s.shape, s.dtype), setup.abstract_state.params)
         given = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), init_params)
         if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
             raise ValueError("init_params do not match the model of this config")
-        setup.state = setup.state.replace(
-            params=jax.device_put(init_params, setup.state_shardings.params))
+        _start_from(setup, init_params)
     return setup
 
 
@@ -175,11 +205,17 @@ def build(cfg, model_cfg=None, dataset_size: int | None = None, devices=None,
 def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_steps: int,
               writer: MetricsWriter | None = None, progress: bool = False,
               log_every: int = 10, max_nonfinite: int = 5,
-              after_step: Any = None) -> tuple[TrainState, list[dict]]:
+              after_step: Any = None, log: Any = None, profile_steps: tuple[int, ...] = (),
+              profile_dir: str | None = None) -> tuple[TrainState, list[dict]]:
     """Steps the state until step `num_steps` on host-local numpy batches; returns per-step
-    metrics. `after_step(step, state)` runs after every step; returning True stops the loop."""
+    metrics. `after_step(step, state)` runs after every step; returning True stops the loop.
+    The step is compiled before the first one runs, timed apart (`compile_seconds`); steps
+    `profile_steps` = (first, last) are traced into `profile_dir`."""
     stage = get_stage(setup.cfg.stage)
     mesh, state = setup.mesh, setup.state
+    # PPO/GRPO: a rollout turns each prompt batch into the step's batch (train/rollout.py).
+    make_rollout = getattr(stage, "make_rollout", None)
+    rollout = make_rollout(setup) if make_rollout is not None else None
     history: list[dict] = []
     peak = flops_lib.device_peak()
     bar = None
@@ -189,11 +225,28 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
         bar = tqdm(total=num_steps, initial=int(state.step), desc=setup.cfg.stage,
                    dynamic_ncols=True)
     bad_in_a_row = 0
+    compiled = False
     t_last = time.perf_counter()
-    with mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)):
+    with (mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)),
+          _Profiler(profile_steps, profile_dir) as profiler):
         for _ in range(int(state.step), num_steps):
             local = next(batches)
-            batch = sharding.to_global({f: local[f] for f in stage.fields}, mesh)
+            if rollout is None:
+                batch, rollout_metrics = sharding.to_global(
+                    {f: local[f] for f in stage.fields}, mesh), {}
+            else:
+                batch, rollout_metrics = rollout(state, local)
+            if not compiled:
+                # jit reuses this executable on the first call, so step_time excludes compiling.
+                t = time.perf_counter()
+                setup.step_fn.lower(state, batch).compile()
+                compiled, seconds = True, time.perf_counter() - t
+                if writer is not None:
+                    writer.write(int(state.step), {"compile_seconds": seconds})
+                if log is not None:
+                    log(f"compiled the train step in {seconds:.1f}s")
+                t_last = time.perf_counter()
+            profiler.before(int(state.step) + 1)
             state, metrics = setup.step_fn(state, batch)
             setup.state = state  # the old state was donated: keep the live one reachable
             metrics = jax.device_get(metrics)
@@ -202,6 +255,7 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
             step = int(state.step)
             examples = setup.cfg.data.batch_size
             record = {k: float(v) for k, v in metrics.items() if k != "finite"}
+            record.update({k: float(v) for k, v in jax.device_get(rollout_metrics).items()})
             record.update(step_time=dt, examples_per_s=examples / dt,
                           tokens_per_s=float(metrics["tokens"]) / dt)
             m = flops_lib.mfu(setup.flops_per_step, dt, jax.device_count(), peak)
@@ -220,7 +274,11 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
             else:
                 bad_in_a_row = 0
             if writer is not None and (step % log_every == 0 or step == num_steps or step == 1):
+                from lvlm_jax.train.input_pipeline import data_metrics
+
+                record.update(data_metrics(batches))  # skipped bad records, from the loader
                 writer.write(step, record)
+            profiler.after(step, state)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -230,6 +288,44 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
         bar.close()
     setup.state = state
     return state, history
+
+
+def check_profile_steps(steps: Any) -> tuple[int, int] | None:
+    """train.profile_steps -> (first, last), 1-based and inclusive; None when empty."""
+    if not steps:
+        return None
+    if (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+            or not 1 <= steps[0] <= steps[1]):
+        raise ValueError("train.profile_steps must be [first, last] steps with "
+                         f"1 <= first <= last, got {list(steps)}")
+    return int(steps[0]), int(steps[1])
+
+
+class _Profiler:
+    """A jax.profiler trace of the steps in a window (TensorBoard / Perfetto read it)."""
+
+    def __init__(self, steps: Any, directory: str | None):
+        self.window = check_profile_steps(steps) if directory else None
+        self.directory = directory
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def before(self, step: int) -> None:
+        if self.window and not self.active and self.window[0] <= step <= self.window[1]:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state: Any) -> None:
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(state)  # the last step's device work belongs in the trace
+            self.__exit__()
+
+    def __exit__(self, *exc):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 class _StopFlag:
@@ -259,22 +355,50 @@ def _initial_params(cfg, setup: Setup, log) -> Any:
     from lvlm_jax.checkpoints.partial import merge_params
 
     params, step = restore_params(cfg.checkpoint.init_from)
+    params = lora_lib.merge(params)  # a LoRA run hands on its merged weights
     own = jax.device_get(setup.state.params)
     merged, report = merge_params(own, params, cfg.checkpoint.get("init_from_include"))
     log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
     return merged
 
 
-def _make_evaluator(cfg, setup: Setup):
-    """params -> {"eval_loss": ...} on the held-out split of the configured source."""
+def _eval_loss_fn(cfg, setup: Setup):
+    """state -> the held-out loss of the stage on the eval split of the configured source."""
     from lvlm_jax.evals.runners import eval_loss
     from lvlm_jax.train import input_pipeline
+    from lvlm_jax.train.stages.base import bind_reference
 
     stage = get_stage(cfg.stage)
+    if lora_lib.enabled(cfg):
+        stage = lora_lib.merging_stage(stage)
     ctx = LossContext(setup.model, tuple(cfg.data.image_mean), tuple(cfg.data.image_std),
-                      cfg.train.loss_chunk)
+                      cfg.train.loss_chunk, config=cfg)
     batches = input_pipeline.make_eval_batches(cfg, setup.model.cfg)
-    return lambda params: {"eval_loss": eval_loss(ctx, stage, params, batches())}
+    if stage.uses_reference:
+        bound = bind_reference(stage)  # outermost: LoRA's merge then sees the policy params
+        return lambda state: eval_loss(ctx, bound, (state.params, state.reference), batches())
+    return lambda state: eval_loss(ctx, stage, state.params, batches())
+
+
+def _make_evaluator(cfg, setup: Setup, workdir: str, writer: MetricsWriter):
+    """(state, step) -> the figures of `evals.tasks` (eval_loss as "eval_loss"); per-example
+    results go to WORKDIR/eval/step_N/ and rendered examples to TensorBoard (lvlm_jax/evals)."""
+    from lvlm_jax.evals.evaluators import task_names
+    from lvlm_jax.evals.run import EvalSuite
+
+    loss_of = _eval_loss_fn(cfg, setup) if "eval_loss" in task_names(cfg) else None
+    if loss_of is not None and getattr(get_stage(cfg.stage), "make_rollout", None):
+        # A rollout stage's batches are prompts: it has no held-out loss to measure.
+        raise ValueError(f"evals.tasks has eval_loss, which stage {cfg.stage!r} cannot compute "
+                         "(its batches are sampled rollouts); use generation tasks such as "
+                         "vqa or pope")
+    suite = EvalSuite(cfg, setup.model, skip=("eval_loss",))  # an unknown task fails here
+
+    def evaluate(state, step: int) -> dict:
+        done = {} if loss_of is None else {"eval_loss": ({"eval_loss": loss_of(state)}, [])}
+        return suite(step, lora_lib.merge(state.params), workdir, writer, done)
+
+    return evaluate
 
 
 def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
@@ -285,6 +409,8 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     from lvlm_jax.checkpoints.export import check_same_model, write_model_config
     from lvlm_jax.checkpoints.manager import Checkpointer
 
+    profile_steps = cfg.train.get("profile_steps", ())
+    check_profile_steps(profile_steps)  # a bad window fails before anything is built
     # ---- input -------------------------------------------------------------------------
     if batches is None:
         from lvlm_jax.train import input_pipeline
@@ -310,17 +436,16 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     else:
         materialize(setup, init_params)
         if init_params is None and cfg.checkpoint.init_from:
-            setup.state = setup.state.replace(params=jax.device_put(
-                _initial_params(cfg, setup, log), setup.state_shardings.params))
+            _start_from(setup, _initial_params(cfg, setup, log))
     writer = MetricsWriter(workdir)
     t0 = time.perf_counter()
 
-    evaluate = _make_evaluator(cfg, setup) if cfg.evals.every_steps else None
+    evaluate = _make_evaluator(cfg, setup, workdir, writer) if cfg.evals.every_steps else None
 
     def after_step(step: int, state: TrainState) -> bool:
         if evaluate is not None and (step % cfg.evals.every_steps == 0
                                      or step == setup.total_steps):
-            metrics = evaluate(state.params)
+            metrics = evaluate(state, step)
             writer.write(step, metrics)
             ckpt.record(step, metrics)
         if stop.requested or ckpt.should_save(step):
@@ -333,14 +458,18 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
             _, history = run_steps(setup, batches, setup.total_steps, writer,
                                    progress=cfg.train.progress, log_every=cfg.train.log_every,
                                    max_nonfinite=cfg.train.max_nonfinite_steps,
-                                   after_step=after_step)
+                                   after_step=after_step, log=log, profile_steps=profile_steps,
+                                   profile_dir=os.path.join(workdir, "profile"))
         step = int(setup.state.step)
         if ckpt.latest_step() != step:
             ckpt.save(step, setup.state, batches)  # the end of training (or preemption)
         if history:
-            # The first step's time is dominated by compilation: reported on its own.
+            # Compilation is logged apart (compile_seconds); the first step still pays for
+            # first-touch allocations, so it is reported on its own. total_steps tells a
+            # finished run (lvlm sweep) from a preempted one.
             writer.write(step, {"train_seconds": time.perf_counter() - t0,
-                                "first_step_seconds": history[0]["step_time"]})
+                                "first_step_seconds": history[0]["step_time"],
+                                "total_steps": setup.total_steps})
     except NonFiniteError as e:
         last = ckpt.latest_step()
         where = (f"the last good checkpoint is {workdir}/checkpoints/{last}" if last is not None
