@@ -57,6 +57,8 @@ def checked_image(image: Any, size: int, mode: str = "pad") -> np.ndarray:
         return prepare_image(image, size, mode)
     except Image.DecompressionBombError as e:  # PIL's own refusal, past twice its limit
         raise BadRecord(f"image too large: {e}") from e
+    except FileNotFoundError as e:
+        raise BadRecord(f"missing image: {e}") from e
     except (OSError, TypeError, ValueError) as e:
         if isinstance(e, BadRecord):
             raise

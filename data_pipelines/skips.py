@@ -5,7 +5,8 @@ the markers and keeps the counts (records read, records skipped) in its iterator
 are checkpointed with it, resume where they were, and reach the main process from grain worker
 processes (whose states travel with every element). `skip_counts` reads them back out of the
 state of a whole pipeline. When more than `max_fraction` of the records read were skipped (once
-at least `min_records` were read), iteration fails with a message naming both figures.
+at least `min_records` were read), iteration fails with a message naming both figures; with
+grain worker processes each worker holds the budget over its own share of the records.
 """
 
 from __future__ import annotations

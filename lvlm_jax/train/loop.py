@@ -412,6 +412,7 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     profile_steps = cfg.train.get("profile_steps", ())
     check_profile_steps(profile_steps)  # a bad window fails before anything is built
     # ---- input -------------------------------------------------------------------------
+    own_batches = batches is None
     if batches is None:
         from lvlm_jax.train import input_pipeline
 
@@ -478,4 +479,6 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     finally:
         writer.close()
         ckpt.close()
+        if own_batches and hasattr(batches, "close"):
+            batches.close()  # stops grain worker processes (data.worker_count) now
     return setup, history
