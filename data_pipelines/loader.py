@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import struct
@@ -14,55 +13,43 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
-from data_pipelines.images import prepare_image
+from data_pipelines.encoders import (
+    KINDS,
+    MAX_PIXELS,
+    PAIR_SIDES,
+    BadRecord,
+    checked_image,
+    encode_example,
+    encode_preference,
+    encode_prompt,
+    example_spec,
+    preference_spec,
+    prompt_spec,
+    vqa_prompt,
+)
 from data_pipelines.packing import MODES as PACKING_MODES
 from data_pipelines.packing import pack_first_fit
 from data_pipelines.skips import DropSkipped, Skipped
 from data_pipelines.synthetic import SyntheticShapes
-from data_pipelines.templates import (
-    IMAGE_MARK,
-    TextTokenizer,
-    get_template,
-    render,
-)
+from data_pipelines.templates import TextTokenizer, get_template
 from data_pipelines.tokenizer import Tokenizer, train_chat_tokenizer
 
-KINDS = ("caption", "conversation", "preference", "prompt")
+# The encoders live in encoders.py; they stay importable from here, where callers long found them.
+__all__ = [
+    "DEMO_VOCAB_SIZE", "KINDS", "MAX_PIXELS", "PAIR_SIDES", "BadRecord", "EncodeRecord",
+    "PACKABLE_KINDS", "ReadableSource", "SkipStats", "SyntheticSource", "batch_examples",
+    "check_pipeline", "checked_image", "demo_tokenizer", "encode_example", "encode_preference",
+    "encode_prompt", "encoded_source", "example_spec", "make_dataset", "preference_spec",
+    "prompt_spec", "reader_options", "vqa_prompt", "with_workers",
+]
+
+PACKABLE_KINDS = ("caption", "conversation")  # kinds whose examples pack.py can pack
 DEMO_VOCAB_SIZE = 384  # an upper bound: the closed synthetic vocabulary needs fewer pieces
-_DEMO_TOKENIZER = "demo_tokenizer_v1"  # bump when the corpus or the template words change
+_DEMO_TOKENIZER = "demo_tokenizer_v2"  # bump when the corpus or the template words change
 _KEPT_IDS = 100  # skipped ids remembered by SkipStats
-# The loader's pixel limit: PIL's decompression-bomb threshold, the one `lvlm data convert`
-# checks too.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
-
-
-class BadRecord(ValueError):
-    """A record that cannot become a training example; it is skipped and counted."""
-
-
-def checked_image(image: Any, size: int, mode: str = "pad") -> np.ndarray:
-    """prepare_image, or BadRecord for an image that cannot be read or has more than MAX_PIXELS
-    pixels (read from the header first, so a decompression bomb is never decoded)."""
-    try:
-        if isinstance(image, bytes | bytearray | memoryview | str | Path):
-            src = image if isinstance(image, str | Path) else io.BytesIO(bytes(image))
-            with Image.open(src) as opened:
-                width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise BadRecord(f"image too large: {width}x{height} is over {MAX_PIXELS} pixels")
-        return prepare_image(image, size, mode)
-    except Image.DecompressionBombError as e:  # PIL's own refusal, past twice its limit
-        raise BadRecord(f"image too large: {e}") from e
-    except FileNotFoundError as e:
-        raise BadRecord(f"missing image: {e}") from e
-    except (OSError, TypeError, ValueError) as e:
-        if isinstance(e, BadRecord):
-            raise
-        raise BadRecord(f"unreadable image: {e!r}") from e
 
 
 class SkipStats:
@@ -100,201 +87,6 @@ class SkipStats:
         return sum(self.skipped.values()) / total if total else 0.0
 
 
-def example_spec(seq_len: int, image_size: int, max_images: int = 1) -> dict[str, tuple]:
-    """Shape and dtype of every field of one example (prepend the batch size for a batch)."""
-    return {
-        "input_ids": ((seq_len,), np.int32),
-        "targets": ((seq_len,), np.int32),
-        "loss_mask": ((seq_len,), np.float32),
-        "segment_ids": ((seq_len,), np.int32),
-        "positions": ((seq_len,), np.int32),
-        "pixel_values": ((max_images, image_size, image_size, 3), np.uint8),
-    }
-
-
-def _conversation(record: dict[str, Any], kind: str) -> tuple[list[dict], list[Any]]:
-    if kind == "caption":
-        image, caption = record["image"], record["caption"]
-        return [{"from": "human", "value": IMAGE_MARK}, {"from": "gpt", "value": caption}], [image]
-    images = record.get("images")
-    if images is None:  # LLaVA's JSON names one image "image"
-        images = [record["image"]] if record.get("image") is not None else []
-    return list(record["conversations"]), list(images)
-
-
-def encode_example(
-    record: dict[str, Any],
-    *,
-    kind: str,
-    tokenizer: TextTokenizer,
-    template: str,
-    seq_len: int,
-    image_size: int,
-    image_tokens: int,
-    max_images: int = 1,
-    image_mode: str = "pad",
-) -> dict[str, np.ndarray]:
-    """One record -> one fixed-length example (see `example_spec`); raises BadRecord.
-
-    `targets[i]` is `input_ids[i + 1]` (0 at the last real position) and `loss_mask[i]` says whether
-    it is supervised. Too-long text is cut from the end, never inside an image's token block; the
-    images whose blocks were cut away are zeroed. A preference record gives a pair (see
-    `encode_preference`).
-    """
-    if kind == "prompt":
-        return encode_prompt(
-            record, tokenizer=tokenizer, template=template, seq_len=seq_len,
-            image_size=image_size, image_tokens=image_tokens, max_images=max_images,
-            image_mode=image_mode)
-    if kind == "preference":
-        return encode_preference(
-            record, tokenizer=tokenizer, template=template, seq_len=seq_len,
-            image_size=image_size, image_tokens=image_tokens, max_images=max_images,
-            image_mode=image_mode)
-    try:
-        turns, images = _conversation(record, kind)
-        ids, mask = render(
-            "plain" if kind == "caption" else template, turns, tokenizer, image_tokens
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadRecord(f"malformed record: {e!r}") from e
-    starts = np.flatnonzero(ids == tokenizer.image_id)[::image_tokens]
-    if len(starts) != len(images):
-        marks = f"{len(starts)} {IMAGE_MARK} marks"
-        raise BadRecord(f"wrong image count: {marks} for {len(images)} images")
-    if len(images) > max_images:
-        raise BadRecord(f"too many images: {len(images)} > max_images={max_images}")
-
-    keep = min(len(ids), seq_len)
-    for start in starts:
-        if start < keep < start + image_tokens:
-            keep = int(start)
-    ids, mask = ids[:keep], mask[:keep]
-    if not mask[1:].any():
-        raise BadRecord(f"no supervised token fits in seq_len={seq_len}")
-
-    pixels = np.zeros((max_images, image_size, image_size, 3), np.uint8)
-    for j, image in enumerate(images):
-        prepared = checked_image(image, image_size, image_mode)
-        if starts[j] + image_tokens <= keep:
-            pixels[j] = prepared
-
-    example = {
-        name: np.zeros(shape, dtype)
-        for name, (shape, dtype) in example_spec(seq_len, image_size, max_images).items()
-    }
-    example["input_ids"][:keep] = ids
-    example["targets"][: keep - 1] = ids[1:]
-    example["loss_mask"][: keep - 1] = mask[1:]
-    example["segment_ids"][:keep] = 1
-    example["positions"][:keep] = np.arange(keep)
-    example["pixel_values"] = pixels
-    return example
-
-
-PAIR_SIDES = ("chosen", "rejected")
-_PAIR_TEXT = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def preference_spec(seq_len: int, image_size: int, max_images: int = 1) -> dict[str, tuple]:
-    """Fields of one preference example: chosen_* and rejected_* text fields, shared pixels."""
-    spec = example_spec(seq_len, image_size, max_images)
-    out = {f"{side}_{name}": spec[name] for side in PAIR_SIDES for name in _PAIR_TEXT}
-    out["pixel_values"] = spec["pixel_values"]
-    return out
-
-
-def encode_preference(
-    record: dict[str, Any], *, tokenizer: TextTokenizer, template: str, seq_len: int,
-    image_size: int, image_tokens: int, max_images: int = 1, image_mode: str = "pad",
-) -> dict[str, np.ndarray]:
-    """`{id, images, prompt, chosen, rejected}` -> a pair of examples (see `preference_spec`).
-
-    Each side is the prompt as the user turn and its response as the assistant turn, encoded
-    like a conversation: the loss mask covers the response (and its end-of-turn) only. Both
-    sides share the prompt, the images and so `pixel_values`. Never packed: a pair is compared
-    row by row.
-    """
-    try:
-        prompt = record["prompt"]
-        replies = {side: record[side] for side in PAIR_SIDES}
-        if not all(isinstance(t, str) for t in (prompt, *replies.values())):
-            raise TypeError("prompt, chosen and rejected must be strings")
-    except (KeyError, TypeError) as e:
-        raise BadRecord(f"malformed record: {e!r}") from e
-    images = record.get("images")
-    if images is None:
-        images = [record["image"]] if record.get("image") is not None else []
-    out: dict[str, np.ndarray] = {}
-    for side, reply in replies.items():
-        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
-        example = encode_example(
-            {"images": images, "conversations": turns}, kind="conversation",
-            tokenizer=tokenizer, template=template, seq_len=seq_len, image_size=image_size,
-            image_tokens=image_tokens, max_images=max_images, image_mode=image_mode)
-        for name in _PAIR_TEXT:
-            out[f"{side}_{name}"] = example[name]
-        # Images precede both replies, so both sides keep the same ones.
-        out.setdefault("pixel_values", example["pixel_values"])
-    return out
-
-
-def prompt_spec(seq_len: int, image_size: int, max_images: int = 1) -> dict[str, tuple]:
-    """Fields of one rollout prompt: the prompt left-padded to seq_len (for generation), its
-    segment ids, the images, and the reference answer's ids right-padded (all pad when none)."""
-    spec = example_spec(seq_len, image_size, max_images)
-    return {"prompt_ids": spec["input_ids"], "prompt_segment_ids": spec["segment_ids"],
-            "pixel_values": spec["pixel_values"], "reference_ids": spec["input_ids"]}
-
-
-def encode_prompt(
-    record: dict[str, Any], *, tokenizer: TextTokenizer, template: str, seq_len: int,
-    image_size: int, image_tokens: int, max_images: int = 1, image_mode: str = "pad",
-) -> dict[str, np.ndarray]:
-    """`{id, images, prompt, [reference]}` -> a prompt for sampling (see `prompt_spec`): the
-    user turn then the assistant prefix. A prompt that does not fit is skipped, never cut."""
-    try:
-        prompt, reference = record["prompt"], record.get("reference") or ""
-        if not isinstance(prompt, str) or not isinstance(reference, str):
-            raise TypeError("prompt and reference must be strings")
-        ids, _ = render(template, [{"from": "human", "value": prompt}], tokenizer, image_tokens,
-                        add_generation_prompt=True)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadRecord(f"malformed record: {e!r}") from e
-    images = record.get("images")
-    if images is None:
-        images = [record["image"]] if record.get("image") is not None else []
-    if len(np.flatnonzero(ids == tokenizer.image_id)) != len(images) * image_tokens:
-        raise BadRecord(f"wrong image count: {prompt.count(IMAGE_MARK)} {IMAGE_MARK} marks for "
-                        f"{len(images)} images")
-    if len(images) > max_images:
-        raise BadRecord(f"too many images: {len(images)} > max_images={max_images}")
-    ref = tokenizer.encode(reference)
-    if len(ids) > seq_len or len(ref) > seq_len:
-        raise BadRecord(f"prompt of {len(ids)} tokens or reference of {len(ref)} does not fit "
-                        f"in seq_len={seq_len}")
-    out = {name: np.zeros(shape, dtype)
-           for name, (shape, dtype) in prompt_spec(seq_len, image_size, max_images).items()}
-    pad = getattr(tokenizer, "pad_id", 0)
-    out["prompt_ids"][:] = pad
-    out["reference_ids"][:] = pad
-    out["prompt_ids"][seq_len - len(ids):] = ids
-    out["prompt_segment_ids"][seq_len - len(ids):] = 1
-    out["reference_ids"][: len(ref)] = ref
-    for j, image in enumerate(images):
-        try:
-            out["pixel_values"][j] = prepare_image(image, image_size, image_mode)
-        except (OSError, TypeError, ValueError) as e:
-            raise BadRecord(f"unreadable image: {e!r}") from e
-    return out
-
-
-def vqa_prompt(record: dict[str, Any]) -> dict[str, Any]:
-    """A SyntheticShapes.vqa question -> a rollout prompt whose reference is its answer."""
-    return {"id": record["id"], "images": [record["image"]],
-            "prompt": f"{IMAGE_MARK}\n{record['question']}", "reference": record["answer"]}
-
-
 class ReadableSource:
     """A random-access source whose records that fail to deserialise (a corrupt ArrayRecord
     entry, a malformed JSON line) come out as `Skipped` markers instead of stopping the run."""
@@ -319,16 +111,14 @@ class ReadableSource:
 
 class EncodeRecord(grain.transforms.Map):
     """encode_example as a grain transform: a bad record is logged with its id, counted in `stats`
-    and becomes None, or with `markers` a `Skipped` marker (for skips.DropSkipped, which counts
-    it in the iterator state)."""
+    and becomes a `Skipped` marker (for skips.DropSkipped, which counts it in the iterator
+    state)."""
 
-    def __init__(self, stats: SkipStats | None = None, markers: bool = False,
-                 **encode_kwargs: Any):
+    def __init__(self, stats: SkipStats | None = None, **encode_kwargs: Any):
         self.stats = stats if stats is not None else SkipStats()
-        self.markers = markers
         self.kwargs = encode_kwargs
 
-    def map(self, record: dict[str, Any] | Skipped) -> dict[str, np.ndarray] | Skipped | None:
+    def map(self, record: dict[str, Any] | Skipped) -> dict[str, np.ndarray] | Skipped:
         if isinstance(record, Skipped):
             skipped = record
         else:
@@ -342,7 +132,7 @@ class EncodeRecord(grain.transforms.Map):
                 return example
         log.warning("skipping record %s: %s", skipped.record_id, skipped.reason)
         self.stats.add_skipped(skipped.record_id, skipped.reason)
-        return skipped if self.markers else None
+        return skipped
 
 
 class SyntheticSource:
@@ -406,37 +196,62 @@ def make_dataset(
     packed). The last partial batch is dropped. `worker_count` > 0 runs the pipeline in that
     many processes (see `with_workers`).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
+    check_pipeline(template, seq_len, batch_size, packing)
+    examples = encoded_source(
+        source, kind=kind, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+        shard_index=shard_index, shard_count=shard_count, stats=stats, tokenizer=tokenizer,
+        template=template, seq_len=seq_len, image_size=image_size, image_tokens=image_tokens,
+        max_images=max_images, image_mode=image_mode)
+    return batch_examples(
+        examples, packable=kind in PACKABLE_KINDS, tokenizer=tokenizer, seq_len=seq_len,
+        image_tokens=image_tokens, max_images=max_images, batch_size=batch_size,
+        read_options=read_options, worker_count=worker_count, packing=packing,
+        max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records)
+
+
+def check_pipeline(template: str, seq_len: int, batch_size: int, packing: str) -> None:
+    """Fails with a message naming an unknown template or packing mode, or a bad size."""
     get_template(template)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
     if packing not in PACKING_MODES:
         raise ValueError(f"unknown packing {packing!r}; valid: {list(PACKING_MODES)}")
+
+
+def encoded_source(
+    source: Sequence[dict[str, Any]], *, kind: str, seed: int, shuffle: bool = True,
+    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+    stats: SkipStats | None = None, **encode_kwargs: Any,
+) -> grain.MapDataset:
+    """This process's records `shard_index::shard_count` of `source`, shuffled by `seed`
+    (reshuffled every epoch), repeated `num_epochs` times (None: forever), each encoded as `kind`
+    (`encode_kwargs` go to encode_example) or, when bad, a `Skipped` marker counted in `stats`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
     ds = grain.MapDataset.source(ReadableSource(source))[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"shard {shard_index} of {shard_count} of {len(source)} records is empty")
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    encode = EncodeRecord(
-        stats,
-        markers=True,
-        kind=kind,
-        tokenizer=tokenizer,
-        template=template,
-        seq_len=seq_len,
-        image_size=image_size,
-        image_tokens=image_tokens,
-        max_images=max_images,
-        image_mode=image_mode,
-    )
-    it = DropSkipped(ds.map(encode).to_iter_dataset(
-        reader_options(read_options, worker_count, batch_size)), max_skip_fraction,
-        min_skip_records)
-    if packing == "first_fit" and kind in ("caption", "conversation"):
+    return ds.repeat(num_epochs).map(EncodeRecord(stats, kind=kind, **encode_kwargs))
+
+
+def batch_examples(
+    examples: grain.MapDataset, *, packable: bool, tokenizer: TextTokenizer, seq_len: int,
+    image_tokens: int, max_images: int, batch_size: int,
+    read_options: grain.ReadOptions | None = None, worker_count: int = 0, packing: str = "none",
+    max_skip_fraction: float | None = 0.5, min_skip_records: int = 1000,
+) -> grain.IterDataset:
+    """Encoded examples and `Skipped` markers -> batches: the markers dropped and counted in the
+    iterator state (skips.DropSkipped, under the skip budget), rows packed when `packing` asks
+    and the examples are `packable`, the last partial batch dropped, made in `worker_count`
+    processes."""
+    it = DropSkipped(
+        examples.to_iter_dataset(reader_options(read_options, worker_count, batch_size)),
+        max_skip_fraction, min_skip_records)
+    if packing == "first_fit" and packable:
         # As many open rows as a batch has: a flush of full rows then fills about one batch.
         it = pack_first_fit(it, seq_len=seq_len, max_images=max_images,
                             image_id=tokenizer.image_id, image_tokens=image_tokens,
@@ -475,7 +290,7 @@ def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDat
 def demo_tokenizer(cache_dir: str | os.PathLike) -> Tokenizer:
     """The demo's SentencePiece model, trained once on the synthetic corpus and template words.
 
-    Training is deterministic; the model is cached as `cache_dir/demo_tokenizer_v1.model`. The
+    Training is deterministic; the model is cached as `cache_dir/demo_tokenizer_v2.model`. The
     templates' special markers are single tokens, so rendered chats never need <unk>.
     """
     path = Path(cache_dir) / f"{_DEMO_TOKENIZER}.model"

@@ -18,17 +18,13 @@ import grain
 
 from data_pipelines.loader import (
     KINDS,
-    EncodeRecord,
-    ReadableSource,
+    PACKABLE_KINDS,
     SkipStats,
     SyntheticSource,
-    reader_options,
-    with_workers,
+    batch_examples,
+    check_pipeline,
+    encoded_source,
 )
-from data_pipelines.packing import MODES as PACKING_MODES
-from data_pipelines.packing import pack_first_fit
-from data_pipelines.skips import DropSkipped
-from data_pipelines.templates import get_template
 
 SOURCES = ("synthetic", "arrayrecord", "tfds")
 _ALIASES = {"path": "arrayrecord"}
@@ -154,36 +150,24 @@ def make_mixture_dataset(
     Source i is sharded like make_dataset's source, shuffled with seed `seed + i`, repeated
     `num_epochs` times (None: forever; with a number the mixture ends when its first source
     does) and encoded as `kind`. Skipped records leave a gap in their source's share, so the
-    proportions hold for the records that encode; the skip budget, packing and workers are
-    make_dataset's.
+    proportions hold for the records that encode; the skip counts and budget (one over the whole
+    mixture), packing and workers are make_dataset's.
     """
-    get_template(template)
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
-    if packing not in PACKING_MODES:
-        raise ValueError(f"unknown packing {packing!r}; valid: {list(PACKING_MODES)}")
+    check_pipeline(template, seq_len, batch_size, packing)
     stats = stats if stats is not None else SkipStats()
     datasets, weights = [], []
     for i, (source, kind, weight) in enumerate(parts):
-        if kind not in KINDS:
-            raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
-        ds = grain.MapDataset.source(ReadableSource(source))[shard_index::shard_count]
-        if len(ds) == 0:
-            raise ValueError(f"mixture source {source!r}: shard {shard_index} of {shard_count} "
-                             "is empty")
-        if shuffle:
-            ds = ds.shuffle(seed=seed + i)
-        encode = EncodeRecord(
-            stats, markers=True, kind=kind, tokenizer=tokenizer, template=template,
-            seq_len=seq_len, image_size=image_size, image_tokens=image_tokens,
-            max_images=max_images, image_mode=image_mode)
-        datasets.append(ds.repeat(num_epochs).map(encode))
+        try:
+            datasets.append(encoded_source(
+                source, kind=kind, seed=seed + i, shuffle=shuffle, num_epochs=num_epochs,
+                shard_index=shard_index, shard_count=shard_count, stats=stats,
+                tokenizer=tokenizer, template=template, seq_len=seq_len, image_size=image_size,
+                image_tokens=image_tokens, max_images=max_images, image_mode=image_mode))
+        except ValueError as e:
+            raise ValueError(f"mixture source {source!r}: {e}") from e
         weights.append(weight)
-    it = mix(datasets, weights).to_iter_dataset(
-        reader_options(read_options, worker_count, batch_size))
-    it = DropSkipped(it, max_skip_fraction, min_skip_records)
-    if packing == "first_fit" and "preference" not in {kind for _, kind, _ in parts}:
-        it = pack_first_fit(it, seq_len=seq_len, max_images=max_images,
-                            image_id=tokenizer.image_id, image_tokens=image_tokens,
-                            num_bins=batch_size)
-    return with_workers(it.batch(batch_size, drop_remainder=True), worker_count)
+    return batch_examples(
+        mix(datasets, weights), packable=all(k in PACKABLE_KINDS for _, k, w in parts if w > 0),
+        tokenizer=tokenizer, seq_len=seq_len, image_tokens=image_tokens, max_images=max_images,
+        batch_size=batch_size, read_options=read_options, worker_count=worker_count,
+        packing=packing, max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records)

@@ -14,7 +14,8 @@ from record_shards import jpeg, png, png_header, write_shards
 from training_utils import tiny_config
 
 from data_pipelines.arrayrecord_source import MAGIC, ArrayRecordSource
-from data_pipelines.loader import MAX_PIXELS, demo_tokenizer, make_dataset
+from data_pipelines.encoders import MAX_PIXELS
+from data_pipelines.loader import demo_tokenizer, make_dataset
 from data_pipelines.skips import skip_counts
 from lvlm_jax.train import loop
 
@@ -83,6 +84,42 @@ def test_each_kind_of_bad_record_is_skipped_logged_with_its_id_and_counted(tok, 
     for record_id, (name, (_, reason)) in zip(bad_ids, BAD.items(), strict=True):
         assert logged[record_id].startswith(reason), (name, logged[record_id])
     assert skip_counts(iterator.get_state()) == (len(records), len(BAD))
+
+
+BAD_IMAGES = {  # id -> (image, the reason the log names)
+    "truncated": (jpeg(0)[:400], "unreadable image"),
+    "missing": ("/nonexistent/images/x.jpg", "missing image"),
+    "bomb": (png_header(30000), "image too large"),
+    "large": (png_header(10000), "image too large"),
+}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "preference"])
+def test_prompt_and_preference_records_with_a_bad_image_are_skipped_and_counted(tok, kind,
+                                                                                 caplog):
+    replies = ({"reference": "red"} if kind == "prompt"
+               else {"chosen": "the circle is red.", "rejected": "the circle is blue."})
+    records = []
+    for i, (name, (image, _)) in enumerate(BAD_IMAGES.items()):
+        question = {"prompt": "<image>\nwhat color is the circle?", **replies}
+        records += [{"id": f"good{i}", "images": [png(10 + i)], **question},
+                    {"id": name, "images": [image], **question}]
+    dataset = make_dataset(
+        records, kind=kind, tokenizer=tok, template="chatml", seq_len=SEQ, image_size=16,
+        image_tokens=4, batch_size=2, seed=0, shuffle=False, num_epochs=1,
+        read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
+        iterator = iter(dataset)
+        batches = list(iterator)
+    logged = {r.args[0]: r.args[1] for r in caplog.records if r.msg.startswith("skipping record")}
+    assert {k: v.split(":")[0] for k, v in logged.items()} == {
+        name: reason for name, (_, reason) in BAD_IMAGES.items()}
+    assert skip_counts(iterator.get_state()) == (8, 4)
+    # The good records' solid colours come through in order.
+    pixels = np.concatenate([b["pixel_values"] for b in batches])
+    assert pixels.shape == (4, 1, 16, 16, 3)
+    np.testing.assert_array_equal(pixels.reshape(4, -1).min(1), [10, 11, 12, 13])
+    np.testing.assert_array_equal(pixels.reshape(4, -1).max(1), [10, 11, 12, 13])
 
 
 def _run_config(data_dir, **data):

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.encoders import BadRecord, encode_example, example_spec
 from data_pipelines.images import CLIP_MEAN_RGB, pad_to_square, prepare_image, to_rgb_uint8
-from data_pipelines.loader import (
-    BadRecord,
-    SkipStats,
-    SyntheticSource,
-    demo_tokenizer,
-    encode_example,
-    example_spec,
-    make_dataset,
-)
+from data_pipelines.loader import SkipStats, SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.templates import render
 
 IMAGE_TOKENS = 4

@@ -1,5 +1,6 @@
 """Weighted mixtures: examples come in proportion to the weights, weight 0 never reads its source,
-each source keeps its own record kind, and the pipeline is deterministic and resumes exactly."""
+each source keeps its own record kind, bad records are skipped and counted as from one source,
+and the pipeline is deterministic and resumes exactly."""
 
 import itertools
 
@@ -7,13 +8,14 @@ import grain
 import numpy as np
 import pytest
 
-from data_pipelines.loader import SyntheticSource, demo_tokenizer
+from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.mixture import (
     make_mixture_dataset,
     mix,
     open_mixture,
     parse_mixture,
 )
+from data_pipelines.skips import skip_counts
 
 BATCH, SEQ, SIZE, TOKENS = 8, 64, 16, 4
 
@@ -126,3 +128,26 @@ def test_training_input_reads_the_configured_mixture(tmp_path, monkeypatch):
     assert size == 48
     ids = np.concatenate([next(batches)["input_ids"] for _ in range(4)])
     assert int((ids[:, 1] == model_cfg.image_token_id).sum()) == 8  # a quarter are captions
+
+
+def test_a_bad_record_in_a_mixture_is_skipped_and_counted_as_in_a_single_source(tokenizer):
+    records = [SyntheticSource("conversation", 12, image_size=SIZE)[i] for i in range(12)]
+    records[5] = dict(records[5], id="broken", images=[b"not an image"])
+    kwargs = dict(tokenizer=tokenizer, template="vicuna_v1", seq_len=SEQ, image_size=SIZE,
+                  image_tokens=TOKENS, batch_size=2, seed=0, shuffle=False, num_epochs=1,
+                  read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    single = iter(make_dataset(records, kind="conversation", **kwargs))
+    single_batches = list(single)
+    mixed = iter(make_mixture_dataset([(records, "conversation", 1.0)], **kwargs))
+    mixed_batches = list(mixed)
+    assert skip_counts(single.get_state()) == skip_counts(mixed.get_state()) == (12, 1)
+    assert len(single_batches) == len(mixed_batches) == 5  # the 11 good records, in pairs
+    for want, got in zip(single_batches, mixed_batches, strict=True):
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    # Beside a clean source, the bad record is still the one skip among all records read.
+    captions = SyntheticSource("caption", 12, image_size=SIZE)
+    both = iter(make_mixture_dataset(
+        [(records, "conversation", 1.0), (captions, "caption", 1.0)], **kwargs))
+    assert sum(len(b["input_ids"]) for b in both) == 22  # 24 read, one skipped, 23 -> 11 pairs
+    assert skip_counts(both.get_state()) == (24, 1)

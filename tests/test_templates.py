@@ -203,4 +203,4 @@ def test_demo_tokenizer_is_cached_and_deterministic(tok, tmp_path):
     mtime = os.path.getmtime(again.model_path)
     assert demo_tokenizer(tmp_path).model_path == again.model_path
     assert os.path.getmtime(again.model_path) == mtime
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_tokenizer_v1.model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_tokenizer_v2.model"]

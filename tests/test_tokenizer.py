@@ -119,7 +119,7 @@ def test_demo_tokenizer_is_the_train_tokenizer_recipe_on_the_synthetic_corpus(tm
     from data_pipelines.templates import SPECIAL_MARKERS, template_texts
 
     demo = demo_tokenizer(tmp_path)
-    # The recipe spelled out: the cached demo_tokenizer_v1 models must stay valid.
+    # The recipe spelled out: the cached demo_tokenizer_v2 models must stay valid.
     lines = SyntheticShapes(seed=0).corpus(500) + template_texts()
     spelled = Tokenizer(train_tokenizer(lines, str(tmp_path / "spelled"), DEMO_VOCAB_SIZE,
                                         user_defined_symbols=("<image>", *SPECIAL_MARKERS)))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -28,6 +26,9 @@ from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import lora as lora_lib
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
+from lvlm_jax.train.periodic_evals import make_evaluator
+from lvlm_jax.train.preemption import StopFlag
+from lvlm_jax.train.profiling import Profiler, check_profile_steps
 from lvlm_jax.train.stages import LossContext, get_stage
 from lvlm_jax.train.stages.base import extra_param_keys, with_extra_params
 from lvlm_jax.train.step import TrainState, make_train_step
@@ -228,7 +229,7 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
     compiled = False
     t_last = time.perf_counter()
     with (mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)),
-          _Profiler(profile_steps, profile_dir) as profiler):
+          Profiler(profile_steps, profile_dir) as profiler):
         for _ in range(int(state.step), num_steps):
             local = next(batches)
             if rollout is None:
@@ -290,64 +291,6 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
     return state, history
 
 
-def check_profile_steps(steps: Any) -> tuple[int, int] | None:
-    """train.profile_steps -> (first, last), 1-based and inclusive; None when empty."""
-    if not steps:
-        return None
-    if (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
-            or not 1 <= steps[0] <= steps[1]):
-        raise ValueError("train.profile_steps must be [first, last] steps with "
-                         f"1 <= first <= last, got {list(steps)}")
-    return int(steps[0]), int(steps[1])
-
-
-class _Profiler:
-    """A jax.profiler trace of the steps in a window (TensorBoard / Perfetto read it)."""
-
-    def __init__(self, steps: Any, directory: str | None):
-        self.window = check_profile_steps(steps) if directory else None
-        self.directory = directory
-        self.active = False
-
-    def __enter__(self):
-        return self
-
-    def before(self, step: int) -> None:
-        if self.window and not self.active and self.window[0] <= step <= self.window[1]:
-            jax.profiler.start_trace(self.directory)
-            self.active = True
-
-    def after(self, step: int, state: Any) -> None:
-        if self.active and step >= self.window[1]:
-            jax.block_until_ready(state)  # the last step's device work belongs in the trace
-            self.__exit__()
-
-    def __exit__(self, *exc):
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-
-
-class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and stops at the next step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _initial_params(cfg, setup: Setup, log) -> Any:
     """config.checkpoint.init_from: another run's params, whole or selected by regex, over
     this run's freshly initialised ones (materialized first)."""
@@ -360,45 +303,6 @@ def _initial_params(cfg, setup: Setup, log) -> Any:
     merged, report = merge_params(own, params, cfg.checkpoint.get("init_from_include"))
     log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
     return merged
-
-
-def _eval_loss_fn(cfg, setup: Setup):
-    """state -> the held-out loss of the stage on the eval split of the configured source."""
-    from lvlm_jax.evals.runners import eval_loss
-    from lvlm_jax.train import input_pipeline
-    from lvlm_jax.train.stages.base import bind_reference
-
-    stage = get_stage(cfg.stage)
-    if lora_lib.enabled(cfg):
-        stage = lora_lib.merging_stage(stage)
-    ctx = LossContext(setup.model, tuple(cfg.data.image_mean), tuple(cfg.data.image_std),
-                      cfg.train.loss_chunk, config=cfg)
-    batches = input_pipeline.make_eval_batches(cfg, setup.model.cfg)
-    if stage.uses_reference:
-        bound = bind_reference(stage)  # outermost: LoRA's merge then sees the policy params
-        return lambda state: eval_loss(ctx, bound, (state.params, state.reference), batches())
-    return lambda state: eval_loss(ctx, stage, state.params, batches())
-
-
-def _make_evaluator(cfg, setup: Setup, workdir: str, writer: MetricsWriter):
-    """(state, step) -> the figures of `evals.tasks` (eval_loss as "eval_loss"); per-example
-    results go to WORKDIR/eval/step_N/ and rendered examples to TensorBoard (lvlm_jax/evals)."""
-    from lvlm_jax.evals.evaluators import task_names
-    from lvlm_jax.evals.run import EvalSuite
-
-    loss_of = _eval_loss_fn(cfg, setup) if "eval_loss" in task_names(cfg) else None
-    if loss_of is not None and getattr(get_stage(cfg.stage), "make_rollout", None):
-        # A rollout stage's batches are prompts: it has no held-out loss to measure.
-        raise ValueError(f"evals.tasks has eval_loss, which stage {cfg.stage!r} cannot compute "
-                         "(its batches are sampled rollouts); use generation tasks such as "
-                         "vqa or pope")
-    suite = EvalSuite(cfg, setup.model, skip=("eval_loss",))  # an unknown task fails here
-
-    def evaluate(state, step: int) -> dict:
-        done = {} if loss_of is None else {"eval_loss": ({"eval_loss": loss_of(state)}, [])}
-        return suite(step, lora_lib.merge(state.params), workdir, writer, done)
-
-    return evaluate
 
 
 def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
@@ -441,7 +345,7 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     writer = MetricsWriter(workdir)
     t0 = time.perf_counter()
 
-    evaluate = _make_evaluator(cfg, setup, workdir, writer) if cfg.evals.every_steps else None
+    evaluate = make_evaluator(cfg, setup.model, workdir, writer) if cfg.evals.every_steps else None
 
     def after_step(step: int, state: TrainState) -> bool:
         if evaluate is not None and (step % cfg.evals.every_steps == 0
@@ -455,7 +359,7 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
 
     # ---- loop --------------------------------------------------------------------------
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             _, history = run_steps(setup, batches, setup.total_steps, writer,
                                    progress=cfg.train.progress, log_every=cfg.train.log_every,
                                    max_nonfinite=cfg.train.max_nonfinite_steps,
