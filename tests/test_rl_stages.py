@@ -22,8 +22,8 @@ from lvlm_jax.evals.answers import exact_match
 from lvlm_jax.models import build_model, dummy_inputs, vlm_config
 from lvlm_jax.train import input_pipeline, loop, rl_math
 from lvlm_jax.train.rollout import decode_responses, finish, rule_rewards
-from lvlm_jax.train.stages import LossContext, ppo, reward
-from lvlm_jax.train.stages.base import normalize_pixels
+from lvlm_jax.train.stages import LossContext, get_stage, ppo, reward
+from lvlm_jax.train.stages.base import extra_param_keys, normalize_pixels
 
 N_NEW = 5  # response tokens sampled per prompt in the loop tests
 
@@ -104,7 +104,7 @@ def test_kl_penalty_is_on_every_token_and_the_score_on_the_last():
 def tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
     demo_tokenizer(path)
-    return str(path / "demo_tokenizer_v1.model")
+    return str(path / "demo_tokenizer_v2.model")
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +223,19 @@ def test_ppo_never_changes_the_reference_and_trains_the_policy_and_value_head(pp
     for part in ("decoder", ppo.HEAD):
         assert any(not np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(now[part]), jax.tree.leaves(start[part]), strict=True))
+
+
+def test_ppo_started_from_a_params_tree_without_a_value_head_gets_a_fresh_one(ppo_run):
+    # The demo chains sft -> dpo -> ppo through init_params: the sft params have no value head.
+    cfg, setup, _ = ppo_run
+    start = start_params(setup)
+    policy = {k: v for k, v in start.items() if k != ppo.HEAD}
+    assert extra_param_keys(get_stage("ppo"), setup.model.cfg) == {ppo.HEAD}
+    assert extra_param_keys(get_stage("sft"), setup.model.cfg) == set()
+    again = loop.materialize(setup, init_params=policy)
+    now = jax.device_get(again.state.params)
+    assert_bitwise(now, start)  # the policy as given, the head as the seed initialises it
+    assert_bitwise(jax.device_get(again.state.reference), start)
 
 
 def test_ppo_rollout_rewards_are_exact_match_and_its_log_probs_the_generators(ppo_run,

@@ -103,7 +103,9 @@ def extra_param_keys(stage: Stage, model_cfg: Any) -> set[str]:
     """The top-level keys `stage.extra_params` adds (none for most stages)."""
     if stage.extra_params is None:
         return set()
-    return set(jax.eval_shape(stage.extra_params, jax.random.PRNGKey(0), model_cfg))
+    # model_cfg is a static dataclass, not an array: closed over, not traced.
+    return set(jax.eval_shape(lambda rng: stage.extra_params(rng, model_cfg),
+                              jax.random.PRNGKey(0)))
 
 
 def reference_params(ctx: LossContext) -> Any:
