@@ -139,12 +139,14 @@ class SyntheticSource:
     """A random-access source of SyntheticShapes records: `kind` "caption" or "conversation"."""
 
     def __init__(
-        self, kind: str, n: int, seed: int = 0, image_size: int = 64, split: str = "train"
+        self, kind: str, n: int, seed: int = 0, image_size: int = 64, split: str = "train",
+        description_noise: float = 0.0,
     ):
         if kind not in KINDS:
             raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
         self.kind, self.n = kind, n
-        self._shapes = SyntheticShapes(seed=seed, image_size=image_size, split=split)
+        self._shapes = SyntheticShapes(seed=seed, image_size=image_size, split=split,
+                                       description_noise=description_noise)
 
     def __len__(self) -> int:
         return self.n

@@ -39,7 +39,10 @@ _MARGIN = 0.15  # of a cell, on each side, so neighbouring shapes never touch
 _EVAL_BUCKETS = 8
 _POPULAR_TOP_K = 3
 # Independent random streams per record kind, so e.g. asking a vqa question never shifts the scene.
-_SCENE, _CONVERSATION, _VQA, _PREFERENCE, _POPE = range(5)
+_SCENE, _CONVERSATION, _VQA, _PREFERENCE, _POPE, _DESCRIBE, _NOISE = range(7)
+# The share of conversations that ask for a free description instead of questions, so an
+# instruction-tuned model can describe images (what CHAIR-style hallucination evals score).
+DESCRIBE_SHARE = 0.2
 
 Object = tuple[str, str]  # (color, shape)
 
@@ -163,8 +166,10 @@ def questions(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     qa["count"].append(("how many shapes are there?", str(len(scene.objects))))
     qa["count"] += [(f"how many {c} shapes are there?", str(color_counts[c])) for c in COLORS]
     qa["count"] += [(f"how many {s}s are there?", str(shape_counts[s])) for s in SHAPES]
+    # POPE's wording, so its probes ask what instruction tuning taught.
     qa["presence"] = [
-        (f"is there a {c} {s}?", "yes" if (c, s) in present else "no") for c, s in all_objects()
+        (f"is there a {c} {s} in the image?", "yes" if (c, s) in present else "no")
+        for c, s in all_objects()
     ]
     return qa
 
@@ -195,6 +200,9 @@ class SyntheticShapes:
 
     `split` ("train" or "eval") picks disjoint scene contents, so eval measures generalization to
     unseen combinations. Images are uint8 arrays rather than encoded bytes.
+    `description_noise` is the share of conversations' free descriptions that name one absent
+    object too, as machine-written instruction data sometimes does: the source of the
+    hallucinations that preference tuning then removes.
     """
 
     def __init__(
@@ -204,9 +212,13 @@ class SyntheticShapes:
         grid: int = 2,
         max_objects: int = 3,
         split: str = "train",
+        description_noise: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0.0 <= description_noise <= 1.0:
+            raise ValueError(f"description_noise must be in [0, 1], got {description_noise}")
+        self.description_noise = description_noise
         if image_size < 8 * grid:
             raise ValueError(f"image_size {image_size} is too small for a {grid}x{grid} grid")
         self.seed, self.image_size, self.split = seed, image_size, split
@@ -247,6 +259,18 @@ class SyntheticShapes:
 
     def conversation(self, index: int) -> dict:
         scene = self.scene(index)
+        if self._rng(index, _DESCRIBE).random() < DESCRIBE_SHARE:
+            noise = self._rng(index, _NOISE)
+            told = self._with_absent_object(scene, noise) if (
+                noise.random() < self.description_noise) else scene
+            return {
+                "id": self._id(index),
+                "images": [render(scene, self.image_size)],
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"},
+                    {"from": "gpt", "value": describe(told)},
+                ],
+            }
         rng = self._rng(index, _CONVERSATION)
         qa, asked, turns = questions(scene), set(), []
         for turn in range(int(rng.integers(1, 4))):
@@ -274,10 +298,8 @@ class SyntheticShapes:
             "kind": kind,
         }
 
-    def preference(self, index: int) -> dict:
-        """chosen: the faithful description; rejected: the same plus one absent object."""
-        scene = self.scene(index)
-        rng = self._rng(index, _PREFERENCE)
+    def _with_absent_object(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        """The scene plus one absent object (drawn by the prior) in a free cell."""
         present = scene.object_set()
         prior = object_frequencies()
         absent = [o for o in all_objects() if o not in present]
@@ -288,11 +310,16 @@ class SyntheticShapes:
         free = [c for c in cells if c not in used] or list(cells)
         fake = SceneObject(shape=shape, color=color, cell=free[int(rng.integers(len(free)))])
         # A full grid puts the fake on an occupied cell; the stable sort keeps the real one first.
-        hallucinated = Scene(
+        return Scene(
             sorted([*scene.objects, fake], key=lambda o: cells.index(o.cell)),
             self.grid,
             scene.background,
         )
+
+    def preference(self, index: int) -> dict:
+        """chosen: the faithful description; rejected: the same plus one absent object."""
+        scene = self.scene(index)
+        hallucinated = self._with_absent_object(scene, self._rng(index, _PREFERENCE))
         return {
             "id": self._id(index),
             "images": [render(scene, self.image_size)],
@@ -338,6 +365,7 @@ class SyntheticShapes:
         """Text lines for training a tokenizer: the closed vocabulary, then n records' texts."""
         lines = [*object_names(), *cell_names(self.grid), "yes", "no", "nothing", DESCRIBE_PROMPT]
         lines += [" ".join(str(d) for d in range(10))]
+        lines += [" ".join(f"how many {s}s are there?" for s in SHAPES)]
         for i in range(n):
             lines.append(self.caption(i)["caption"])
             turns = self.conversation(i)["conversations"]

@@ -26,60 +26,67 @@ def get_config(arg: str | None = None):
         raise ValueError(f"experiments/demo.py takes one of {STAGES}, got {stage!r}")
     c = base_config()
     c.stage = stage
-    c.model.vision = {"preset": "tiny", "image_size": 64, "patch_size": 8, "width": 128,
+    c.model.vision = {"preset": "tiny", "image_size": 64, "patch_size": 16, "width": 128,
                       "depth": 2, "mlp_dim": 256, "num_heads": 4}
     c.model.language = {"preset": "tiny", "vocab_size": 384, "embed_dim": 192,
                         "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "mlp_dim": 512,
                         "max_length": 256}
     c.model.connector = {"kind": "projector", "projector": "mlp2x_gelu"}
     c.data.image_size = 64
-    c.data.seq_len = 128
+    # 16x16 patches: 16 image tokens, each a quarter of one grid cell, which keeps sequences
+    # short enough for 2 CPU cores.
+    c.data.seq_len = 48  # 16 image tokens + the longest caption (39 tokens, plain template)
     c.data.batch_size = 32
+    # The chat stages use gemma's turn markers: no system prompt, so sequences are ~25 tokens
+    # shorter than with vicuna_v1, which matters on 2 CPU cores.
+    c.data.template = "gemma"
     c.train.log_every = 20
     if stage == "pretrain":
         c.data.kind = "caption"
         c.data.template = "plain"
         c.data.num_examples = 4000
         c.optimizer.learning_rate = 2e-3
-        c.train.total_steps = 150
+        c.train.total_steps = 200
         # LLaVA's stage 1 trains only the connector of pretrained towers; the demo's towers
         # start from random weights, so here everything trains.
         c.optimizer.freeze = []
     elif stage in ("reward", "dpo"):
         # Preference pairs of the synthetic set: the faithful description vs one naming an
         # absent object. The caller sets checkpoint.init_from (the sft run); the vision tower
-        # stays frozen. 144 tokens hold the longest pair (131 with vicuna_v1).
+        # stays frozen. A pair is two sequences (and DPO adds the reference's forward), so the
+        # batch is smaller.
         c.data.kind = "preference"
-        c.data.template = "vicuna_v1"
-        c.data.seq_len = 144
+        c.data.seq_len = 56  # the longest pair (gemma template) is 55 tokens
+        c.data.batch_size = 16
         c.data.num_examples = 4000
-        c.optimizer.learning_rate = 1e-4
+        c.optimizer.learning_rate = 5e-5
         c.optimizer.freeze = [r"vision/.*"]
-        c.train.total_steps = 100
+        c.train.total_steps = 40
+        c.train.log_every = 5
         c.dpo.beta = 0.1
     elif stage in ("ppo", "grpo"):
         # RL on the synthetic VQA questions: sampled answers score 1 when they match the
         # reference after normalisation (the rule reward), with a KL penalty to the sft policy
         # the caller names in checkpoint.init_from. Prompts are left-padded to seq_len.
         c.data.kind = "prompt"
-        c.data.template = "vicuna_v1"
-        c.data.seq_len = 112
+        c.data.seq_len = 32  # the longest prompt (gemma template) is 31 tokens
+        c.data.batch_size = 16
         c.data.num_examples = 4000
-        c.optimizer.learning_rate = 2e-5
+        c.optimizer.learning_rate = 1e-4
         c.optimizer.warmup_steps = 0
         c.optimizer.freeze = [r"vision/.*"]
-        c.train.total_steps = 30
-        c.train.log_every = 5
+        c.train.total_steps = 16
+        c.train.log_every = 2
         section = c.ppo if stage == "ppo" else c.grpo
         section.max_new_tokens = 8
         section.temperature = 1.0
         section.reward = "rule"
         section.epochs = 2
         if stage == "grpo":
-            c.data.batch_size = 16  # prompts; x group_size 4 = 64 sampled answers a step
+            c.data.batch_size = 8  # prompts; x group_size 4 = 32 sampled answers a step
     else:
         c.data.kind = "conversation"
-        c.data.template = "vicuna_v1"
+        c.data.seq_len = 68  # the longest conversation (gemma template) is 65 tokens
         c.data.num_examples = 20000
         c.optimizer.learning_rate = 1e-3
         c.train.total_steps = 400

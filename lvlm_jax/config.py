@@ -46,6 +46,9 @@ def base_config() -> ConfigDict:
         "kind": "conversation",  # caption | conversation | preference
         "template": "vicuna_v1",
         "num_examples": 4096,  # synthetic set size
+        # synthetic set: the share of free descriptions in conversations that also name one
+        # absent object (noisy instruction data, the hallucinations preference tuning removes)
+        "description_noise": 0.0,
         "seq_len": 128,
         "batch_size": 32,
         "image_size": 0,  # 0: the vision tower's
@@ -117,8 +120,9 @@ def base_config() -> ConfigDict:
         "chair_vocabulary": "",  # JSON {name: [synonyms]}; empty: COCO's 80 (synthetic: its own)
     })
     # DPO (train/stages/dpo.py): beta scales the policy/reference log-ratio; larger keeps the
-    # policy closer to the reference.
-    c.dpo = ConfigDict({"beta": 0.1})
+    # policy closer to the reference. sft_weight > 0 adds that times the chosen responses'
+    # per-token NLL (RPO), so the chosen answers do not lose likelihood.
+    c.dpo = ConfigDict({"beta": 0.1, "sft_weight": 0.0})
     # PPO and GRPO (train/stages/ppo.py, grpo.py) sample responses to data.kind="prompt"
     # records before every step. reward: "rule" (1 if the normalised response equals the
     # reference, else 0), "model" (a `reward` stage run at reward_model=WORKDIR) or "both"

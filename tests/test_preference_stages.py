@@ -248,6 +248,27 @@ def dpo_run(pretrained, tmp_path_factory):
     return workdir, setup, history
 
 
+def test_dpo_sft_weight_adds_the_chosen_per_token_nll_to_the_formula(tiny):
+    model, policy, ref = tiny.model, tiny.params, tiny.other
+    batch = hand_made_pairs()
+    beta, weight = 0.5, 0.3
+    pc, pr = (plain_log_probs(tiny, policy, batch, s) for s in ("chosen", "rejected"))
+    rc, rr = (plain_log_probs(tiny, ref, batch, s) for s in ("chosen", "rejected"))
+    logits = beta * ((pc - rc) - (pr - rr))
+    chosen_tokens = batch["chosen_loss_mask"].sum(-1)  # 4 and 2 reply tokens
+    assert chosen_tokens.tolist() == [4.0, 2.0]
+    nll = -pc / chosen_tokens
+    expected = np.sum(np.log1p(np.exp(-logits)) + weight * nll)
+    cfg = tiny_config(stage="dpo", **{"dpo.beta": beta, "dpo.sft_weight": weight})
+    ctx = LossContext(model, loss_chunk=4, config=cfg)
+    loss = jax.jit(lambda p, r, b: dpo.dpo_loss(with_reference(ctx, r), p, b, None))
+    total, pairs, metrics = loss(policy, ref, batch)
+    assert float(pairs) == 2.0
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["chosen_nll"]), nll.sum(), rtol=1e-5)
+    assert weight * nll.sum() > 1e-2 * expected  # the term is not negligible here
+
+
 def test_dpo_reference_is_the_starting_policy_bitwise_and_never_changes(pretrained, dpo_run):
     _, setup, history = dpo_run
     assert len(history) == 4

@@ -10,6 +10,7 @@ from data_pipelines.synthetic import (
     CELLS,
     COLOR_RGB,
     COLORS,
+    DESCRIBE_PROMPT,
     POPE_SPLITS,
     QUESTION_KINDS,
     SHAPES,
@@ -133,7 +134,11 @@ def test_answers_match_the_rendered_scene():
         turns = conversation["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2], strict=True):
             question = human["value"].removeprefix("<image>\n")
-            assert answer_from_pixels(question, conversation["images"][0]) == gpt["value"]
+            if question == DESCRIBE_PROMPT:
+                cells = read_cells(conversation["images"][0])
+                assert mentioned_objects(gpt["value"]) == set(cells.values())
+            else:
+                assert answer_from_pixels(question, conversation["images"][0]) == gpt["value"]
         caption = ds.caption(i)
         assert mentioned_objects(caption["caption"]) == set(read_cells(caption["image"]).values())
         assert ds.objects(i) == set(read_cells(caption["image"]).values())
@@ -154,10 +159,14 @@ def test_every_question_kind_can_be_asked_and_is_answer_balanced():
 
 def test_conversations_follow_the_llava_format():
     ds = SyntheticShapes()
-    lengths = set()
-    for i in range(60):
+    lengths, describes = set(), 0
+    for i in range(200):
         record = ds.conversation(i)
         turns = record["conversations"]
+        if turns[0]["value"] == f"<image>\n{DESCRIBE_PROMPT}":
+            describes += 1
+            assert len(turns) == 2 and mentioned_objects(turns[1]["value"]) == ds.objects(i)
+            continue
         lengths.add(len(turns) // 2)
         assert len(record["images"]) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
@@ -167,6 +176,7 @@ def test_conversations_follow_the_llava_format():
         assert len(set(questions)) == len(questions)  # no question repeated within a dialogue
         assert all(len(t["value"].split()) <= 2 for t in turns[1::2])
     assert lengths == {1, 2, 3}
+    assert 0.1 < describes / 200 < 0.3  # DESCRIBE_SHARE of 0.2
 
 
 def test_pope_splits_are_balanced_and_negatives_are_absent():
@@ -232,3 +242,22 @@ def test_invalid_arguments_are_rejected():
         SyntheticShapes().pope(0, "hard")
     with pytest.raises(IndexError):
         SyntheticShapes().caption(-1)
+
+
+def test_description_noise_adds_exactly_one_absent_object_to_that_share_of_descriptions():
+    clean, noisy = SyntheticShapes(), SyntheticShapes(description_noise=0.5)
+    described = noised = 0
+    for i in range(300):
+        a, b = clean.conversation(i)["conversations"], noisy.conversation(i)["conversations"]
+        if a[0]["value"] != f"<image>\n{DESCRIBE_PROMPT}":
+            assert a == b  # questions are never touched
+            continue
+        described += 1
+        present, told = clean.objects(i), mentioned_objects(b[1]["value"])
+        assert mentioned_objects(a[1]["value"]) == present
+        if told != present:
+            noised += 1
+            assert present < told and len(told - present) == 1
+    assert described > 40 and 0.35 < noised / described < 0.65
+    with pytest.raises(ValueError, match="description_noise"):
+        SyntheticShapes(description_noise=1.5)

@@ -52,7 +52,8 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
     d = cfg.data
     if d.source == "synthetic":
         return SyntheticSource(d.kind, d.num_examples, seed=cfg.seed,
-                               image_size=image_size(cfg, model_cfg), split=split)
+                               image_size=image_size(cfg, model_cfg), split=split,
+                               description_noise=d.description_noise)
     if d.source == "arrayrecord":
         if not d.path:
             raise ValueError("data.source='arrayrecord' needs data.path=DIR "
