@@ -29,7 +29,8 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvlm", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="pretrain -> sft of a tiny LVLM on built-in data, on CPU")
+    d = sub.add_parser("demo", help="pretrain -> sft -> dpo -> ppo of a tiny LVLM on built-in "
+                       "data, on CPU")
     d.add_argument("--workdir", required=True)
     t = sub.add_parser("train", help="train the stage named by config.stage")
     _add_config(t)
