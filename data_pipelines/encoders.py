@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from data_pipelines.images import prepare_image
+from data_pipelines.images import ImageTooLarge, prepare_image
 from data_pipelines.templates import IMAGE_MARK, TextTokenizer, render
 
 KINDS = ("caption", "conversation", "preference", "prompt")
@@ -28,13 +26,9 @@ def checked_image(image: Any, size: int, mode: str = "pad") -> np.ndarray:
     """prepare_image, or BadRecord for an image that cannot be read or has more than MAX_PIXELS
     pixels (read from the header first, so a decompression bomb is never decoded)."""
     try:
-        if isinstance(image, bytes | bytearray | memoryview | str | Path):
-            src = image if isinstance(image, str | Path) else io.BytesIO(bytes(image))
-            with Image.open(src) as opened:
-                width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise BadRecord(f"image too large: {width}x{height} is over {MAX_PIXELS} pixels")
-        return prepare_image(image, size, mode)
+        return prepare_image(image, size, mode, max_pixels=MAX_PIXELS)
+    except ImageTooLarge as e:
+        raise BadRecord(str(e)) from e
     except Image.DecompressionBombError as e:  # PIL's own refusal, past twice its limit
         raise BadRecord(f"image too large: {e}") from e
     except FileNotFoundError as e:

@@ -263,11 +263,13 @@ def batch_examples(
 
 def reader_options(read_options: grain.ReadOptions | None, worker_count: int,
                    batch_size: int) -> grain.ReadOptions | None:
-    """`read_options`, or with workers one reader thread each: grain's default of 16 threads and
-    500 records in flight per worker process only contend for the GIL and the cores."""
-    if read_options is None and worker_count > 0:
-        return grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
-    return read_options
+    """`read_options`, or reader threads sized to the cores: one per worker process, and in this
+    process one per core (at most grain's default of 16). More only contend for the GIL and the
+    cores: on 2 cores grain's 16 threads read at about half the speed of 2."""
+    if read_options is not None:
+        return read_options
+    threads = 1 if worker_count > 0 else min(16, os.cpu_count() or 1)
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size)
 
 
 def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from data_pipelines.encoders import BadRecord, encode_example, example_spec
-from data_pipelines.images import CLIP_MEAN_RGB, pad_to_square, prepare_image, to_rgb_uint8
+from data_pipelines.images import (
+    CLIP_MEAN_RGB,
+    pad_to_square,
+    prepare_image,
+    resize,
+    to_rgb_uint8,
+)
 from data_pipelines.loader import SkipStats, SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.templates import render
 
@@ -278,6 +284,34 @@ def test_pad_to_square_centres_the_image_on_the_mean_colour():
     assert out.shape == (6, 6, 3)
     assert (out[2:4] == 255).all()
     assert (out[:2] == CLIP_MEAN_RGB).all() and (out[4:] == CLIP_MEAN_RGB).all()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_prepare_image_equals_pad_to_square_then_resize_bitwise(fmt):
+    # prepare_image skips the pad rows in PIL's horizontal pass; the pixels must not change.
+    rng = np.random.default_rng(0)
+    shapes = [(480, 640), (640, 480), (300, 301), (301, 300), (37, 500), (500, 37), (336, 400),
+              (400, 336), (100, 100), (13, 7)]
+    shapes += [tuple(int(v) for v in rng.integers(8, 900, 2)) for _ in range(6)]
+    for height, width in shapes:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        data = buffer.getvalue()
+        for size in (336, 224, 16):
+            reference = resize(pad_to_square(to_rgb_uint8(data)), size)
+            np.testing.assert_array_equal(prepare_image(data, size), reference,
+                                          err_msg=f"{width}x{height} -> {size}")
+
+
+def test_prepare_image_refuses_more_pixels_than_allowed_before_decoding():
+    from data_pipelines.images import ImageTooLarge
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buffer, format="PNG")
+    with pytest.raises(ImageTooLarge, match="50x40 is over 1999 pixels"):
+        prepare_image(buffer.getvalue(), 16, max_pixels=1999)
+    assert prepare_image(buffer.getvalue(), 16, max_pixels=2000).shape == (16, 16, 3)
 
 
 def test_prepare_image_gives_uint8_squares_in_both_modes():
