@@ -154,6 +154,37 @@ def hf_threads(model, ids: np.ndarray, pixels: np.ndarray, cores: int) -> int:
     return best[1]
 
 
+def matmul_floor(shape: dict, batch: int, repeats: int = 20) -> float:
+    """Seconds for the fp32 matmuls of one decode step alone (every decoder weight matrix and
+    the LM head applied to a [batch, d] activation, in one jitted function, no attention, no
+    cache): the time a step cannot beat on this host in fp32."""
+    import jax
+    import jax.numpy as jnp
+
+    lm = shape["language"]
+    d, f, v = lm["embed_dim"], lm["mlp_dim"], lm["vocab_size"]
+    rng = np.random.default_rng(0)
+    mats = [(d, d)] * 4 + [(d, f), (d, f), (f, d)]  # q, k, v, o; gate, up, down
+    weights = [jnp.asarray(rng.standard_normal(m, np.float32) * 0.02)
+               for _ in range(lm["num_layers"]) for m in mats]
+    weights.append(jnp.asarray(rng.standard_normal((d, v), np.float32) * 0.02))
+    x_d = jnp.ones((batch, d), jnp.float32)
+    x_f = jnp.ones((batch, f), jnp.float32)
+
+    @jax.jit
+    def step(ws):
+        # Every product is consumed, so none is dropped; each reads its weights once.
+        return sum(jnp.sum((x_f if w.shape[0] == f else x_d) @ w) for w in ws)
+
+    step(weights).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(weights).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def bench_batch(shape: dict, hf_model, directory: str, batch: int, repeats: int,
                 variants: dict[str, bool]) -> dict:
     """Times `new_tokens` and 1 new token on every side (warm, interleaved), so that the decode
@@ -185,6 +216,10 @@ def bench_batch(shape: dict, hf_model, directory: str, batch: int, repeats: int,
         print(f"  {name}: {n} new tokens {full * 1e3:.0f} ms (min of {repeats}; median "
               f"{statistics.median(times[name][n]) * 1e3:.0f}), prefill + 1 token "
               f"{prefill * 1e3:.0f} ms", flush=True)
+    floor = matmul_floor(shape, batch)
+    result["floor"] = batch / floor
+    print(f"  floor: the fp32 matmuls of one step alone take {floor * 1e3:.2f} ms "
+          f"-> {batch / floor:.1f} tok/s at most", flush=True)
     for name in variants:
         agree = agreement(tokens[name], tokens["HF"])
         verdict = "agree" if agree >= min(CHECK_TOKENS, n) else "DIFFER"
@@ -231,6 +266,12 @@ def main(argv=None) -> list[str]:
           "token); prefill+decode = new tokens / time for all of them, image encoding and "
           "prompt prefill included", flush=True)
     for b, r in results.items():
+        hf = r["HF"]["decode_rate"]
+        lines.append(f"generate: batch {b}, floor (fp32 matmuls of a step alone) "
+                     f"{r['floor']:.1f} tok/s = {r['floor'] / hf:.2f}x HF's decode; ours reach "
+                     + ", ".join(f"{r[name]['decode_rate'] / r['floor']:.0%} ({name})"
+                                 for name in variants) + " of it")
+        print(lines[-1], flush=True)
         for kind, key in (("decode only", "decode_rate"), ("prefill+decode", "total_rate")):
             for name in variants:
                 ours, hf = r[name][key], r["HF"][key]
