@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvlm_jax.models.vlm import instruction_inputs
+
 Array = jax.Array
 
 
@@ -91,9 +93,11 @@ def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Arra
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     prefix = (segment_ids > 0) if prefix_lm else None
     cache = model.apply(variables, b, t + max_new_tokens, method=model.init_cache)
+    # The whole prompt is an instruction-aware resampler's instruction, as in training.
+    instruction = instruction_inputs(model.cfg, input_ids, segment_ids > 0)
     hidden, cache = model.apply(variables, input_ids, pixel_values, segment_ids=segment_ids,
                                 positions=positions, prefix_mask=prefix, cache=cache,
-                                return_hidden=True)
+                                return_hidden=True, **instruction)
     # The LM head on the last prompt position only: the others' logits are never used.
     last = model.apply(variables, hidden[:, -1:], method=_logits_from_hidden)[:, 0]
     last = last.astype(jnp.float32)

@@ -168,3 +168,49 @@ def test_decoding_sharded_over_eight_devices_equals_one_device(model_and_params)
     assert len(out["tokens"].sharding.device_set) == 8
     np.testing.assert_array_equal(out["tokens"], single["tokens"])
     np.testing.assert_allclose(out["log_probs"], single["log_probs"], rtol=1e-5, atol=1e-6)
+
+
+def test_instruction_aware_resampler_decodes_and_rescores_with_the_prompt_as_instruction():
+    # InstructBLIP's queries read the instruction; training takes it from the prompt (the tokens
+    # before the first supervised one), so generation must give them the whole prompt.
+    from lvlm_jax.train.stages.base import prompt_inputs
+
+    model = build_model({
+        "vision": {"preset": "tiny", "depth": 1},
+        "language": {"preset": "tiny", "vocab_size": 64},
+        "connector": {"kind": "resampler", "num_queries": 4, "width": 32, "depth": 1,
+                      "num_heads": 2, "mlp_dim": 64, "instruction_aware": True,
+                      "instruction_vocab": 0, "max_instruction_len": 16},
+        "image_token_id": IMG,
+    })
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                               **dummy_inputs(model.cfg)))["params"]
+    rng = np.random.default_rng(3)
+    rows = prompts(model, rng, [6, 3])
+    pixels = pixels_for(model, rng, 2)
+    ids, seg = left_pad(rows)
+    out = generate_tokens(model, params, ids, seg, pixels, jax.random.PRNGKey(0),
+                          max_new_tokens=3)
+
+    def forward(loss_mask):
+        batch = {"input_ids": ids, "segment_ids": seg, "loss_mask": loss_mask}
+        positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
+        return model.apply({"params": params}, ids, pixels, segment_ids=seg,
+                           positions=positions, **prompt_inputs(model.cfg, batch))[0][:, -1]
+
+    whole_prompt = forward(np.zeros(ids.shape, np.float32))
+    np.testing.assert_array_equal(out["tokens"][:, 0], np.argmax(whole_prompt, -1))
+    logp = jax.nn.log_softmax(whole_prompt)
+    np.testing.assert_allclose(out["log_probs"][:, 0],
+                               np.take_along_axis(logp, out["tokens"][:, :1], 1)[:, 0],
+                               rtol=1e-4, atol=1e-5)
+    # The instruction reaches the answer: leaving the prompt's last token out of it changes it.
+    shorter = np.zeros(ids.shape, np.float32)
+    shorter[:, -1] = 1
+    assert np.abs(np.asarray(jax.nn.log_softmax(forward(shorter))) - logp).max() > 1e-3
+    # PPO re-scores the sampled responses with one forward; it must read the same instruction.
+    from lvlm_jax.train.rl_math import response_log_probs, sequence_inputs
+
+    seq = sequence_inputs(ids, seg, out["tokens"], np.ones(out["tokens"].shape, np.float32))
+    rescored, _ = response_log_probs(model, params, seq, pixels, 3)
+    np.testing.assert_allclose(rescored, out["log_probs"], rtol=1e-4, atol=1e-4)

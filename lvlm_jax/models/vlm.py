@@ -204,6 +204,21 @@ def build_model(cfg: VLMConfig | Mapping[str, Any]) -> VLM:
     return VLM(cfg if isinstance(cfg, VLMConfig) else vlm_config(cfg))
 
 
+def instruction_inputs(cfg: VLMConfig, input_ids: Array, prompt: Array) -> dict[str, Array]:
+    """An instruction-aware resampler's text (InstructBLIP): the tokens where `prompt` is True,
+    image placeholders left out, left-aligned and cut to max_instruction_len -> {"instruction",
+    "instruction_mask"}; {} for every other connector. Training and generation both use it, so
+    the queries see the same instruction in both."""
+    connector = cfg.connector
+    if not getattr(connector, "instruction_aware", False):
+        return {}
+    keep = prompt & (input_ids != cfg.image_token_id)
+    order = jnp.argsort(~keep, axis=1, stable=True)[:, :connector.max_instruction_len]
+    mask = jnp.take_along_axis(keep, order, axis=1)
+    return {"instruction": jnp.where(mask, jnp.take_along_axis(input_ids, order, axis=1), 0),
+            "instruction_mask": mask}
+
+
 def dummy_inputs(cfg: VLMConfig, batch: int = 1, length: int | None = None,
                  images: int = 1) -> dict[str, Array]:
     """Shape-only inputs for init / eval_shape."""

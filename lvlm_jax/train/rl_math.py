@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lvlm_jax.models.vlm import instruction_inputs
 from lvlm_jax.train import losses
 
 Array = jax.Array
@@ -121,12 +122,13 @@ def response_log_probs(model: Any, params: Any, batch: Mapping[str, Array], pixe
     forward over prompt + response (`batch`: input_ids, segment_ids, positions; the last
     `num_response` tokens are the response)."""
     variables = {"params": params}
-    kw = {}
+    # The prompt is a prefix-LM's bidirectional prefix and an instruction-aware resampler's
+    # instruction, as `generate_tokens` treats it.
+    prompt_len = batch["input_ids"].shape[1] - num_response
+    prompt = (batch["segment_ids"] > 0) & (jnp.arange(batch["input_ids"].shape[1]) < prompt_len)
+    kw = instruction_inputs(model.cfg, batch["input_ids"], prompt)
     if model.cfg.prefix_lm:
-        # The prompt is the bidirectional prefix, as `generate_tokens` treats it.
-        prompt_len = batch["input_ids"].shape[1] - num_response
-        kw["prefix_mask"] = (batch["segment_ids"] > 0) & (
-            jnp.arange(batch["input_ids"].shape[1]) < prompt_len)
+        kw["prefix_mask"] = prompt
     hidden, _ = model.apply(variables, batch["input_ids"], pixels,
                             segment_ids=batch["segment_ids"], positions=batch["positions"],
                             return_hidden=True, **kw)

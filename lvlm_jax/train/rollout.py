@@ -129,8 +129,11 @@ def sample_and_score(params: Any, reference: Any, reward_params: Any,
     if spec.reward_ctx is not None:
         from lvlm_jax.train.stages.reward import score
 
+        # The response as the supervised part: the reward model reads the prompt as it did in
+        # training (a prefix-LM's prefix, an instruction-aware resampler's instruction).
+        response = jnp.concatenate([jnp.zeros_like(prompts["prompt_ids"], jnp.float32), mask], 1)
         sampled["model_reward"] = score(spec.reward_ctx, reward_params, {
-            **seq, "pixel_values": prompts["pixel_values"]})[:, None]
+            **seq, "pixel_values": prompts["pixel_values"], "loss_mask": response})[:, None]
     return _batch_sharded(spec.mesh, sampled)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lvlm_jax.models.vlm import instruction_inputs
 from lvlm_jax.train import losses
 
 Array = jax.Array
@@ -162,13 +163,8 @@ def prompt_inputs(model_cfg: Any, batch: Mapping[str, Array]) -> dict[str, Array
     prompt = (jnp.cumsum(batch["loss_mask"], axis=1) == 0) & (seg > 0)
     if getattr(model_cfg, "prefix_lm", False):
         out["prefix_mask"] = prompt
-    connector = getattr(model_cfg, "connector", None)
-    if getattr(connector, "instruction_aware", False):
-        keep = prompt & (ids != model_cfg.image_token_id)
-        order = jnp.argsort(~keep, axis=1, stable=True)[:, :connector.max_instruction_len]
-        mask = jnp.take_along_axis(keep, order, axis=1)
-        out["instruction"] = jnp.where(mask, jnp.take_along_axis(ids, order, axis=1), 0)
-        out["instruction_mask"] = mask
+    if model_cfg is not None and hasattr(model_cfg, "connector"):
+        out.update(instruction_inputs(model_cfg, ids, prompt))
     return out
 
 
