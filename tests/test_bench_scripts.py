@@ -45,8 +45,10 @@ def test_data_loader_bench_runs_quick():
     lines = proc.stdout.strip().splitlines()
     assert "max |diff| = 0" in proc.stdout  # ours and torch make the same uint8 pixels
     m = re.fullmatch(r"data_loader: ours (\d+\.\d+) img/s, torch (\d+\.\d+) img/s, "
-                     r"ceiling (\d+\.\d+) img/s, 1 workers, ratio (\d+\.\d+)x", lines[-1])
+                     r"ceiling (\d+\.\d+) img/s per worker, 1 workers, ratio (\d+\.\d+)x, "
+                     r"(\d+)% of the ceiling", lines[-1])
     assert m, lines[-1]
-    ours, torch, ceiling, ratio = map(float, m.groups())
+    ours, torch, ceiling, ratio, share = map(float, m.groups())
     assert ours > 0 and torch > 0 and ceiling > 0
     assert ratio == pytest.approx(ours / torch, rel=0.02, abs=0.01)
+    assert share == pytest.approx(100 * ours / ceiling, abs=1)

@@ -116,6 +116,15 @@ def test_generate_bench_runs_quick():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "greedy check, lvlm_jax vs HF" in proc.stdout and "DIFFER" not in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if line.startswith("generate: batch")]
+    floors = [line for line in lines if "floor" in line]
+    lines = [line for line in lines if "floor" not in line]
+    assert len(floors) == 2, proc.stdout
+    for line, batch in zip(floors, (1, 16), strict=True):
+        m = re.fullmatch(rf"generate: batch {batch}, floor \(fp32 matmuls of a step alone\) "
+                         r"(\d+\.\d) tok/s = (\d+\.\d\d)x HF's decode; ours reach (\d+)% "
+                         r"\(lvlm_jax\) of it", line)
+        assert m, line
+        assert float(m.group(1)) > 0 and int(m.group(3)) > 0
     kinds = [(b, kind) for b in (1, 16) for kind in ("decode only", "prefill+decode")]
     assert len(lines) == len(kinds), proc.stdout
     for line, (batch, kind) in zip(lines, kinds, strict=True):
