@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -156,8 +157,8 @@ def hf_threads(model, ids: np.ndarray, pixels: np.ndarray, cores: int) -> int:
 
 def matmul_floor(shape: dict, batch: int, repeats: int = 20) -> float:
     """Seconds for the fp32 matmuls of one decode step alone (every decoder weight matrix and
-    the LM head applied to a [batch, d] activation, in one jitted function, no attention, no
-    cache): the time a step cannot beat on this host in fp32."""
+    the LM head applied to a [batch, d] activation, in one jitted function compiled as
+    generation is, no attention, no cache): the time a step cannot beat on this host in fp32."""
     import jax
     import jax.numpy as jnp
 
@@ -171,7 +172,10 @@ def matmul_floor(shape: dict, batch: int, repeats: int = 20) -> float:
     x_d = jnp.ones((batch, d), jnp.float32)
     x_f = jnp.ones((batch, f), jnp.float32)
 
-    @jax.jit
+    from lvlm_jax.generate import CPU_COMPILER_OPTIONS
+
+    # Compiled as generation is on CPU (see lvlm_jax.generate.CPU_COMPILER_OPTIONS).
+    @functools.partial(jax.jit, compiler_options=CPU_COMPILER_OPTIONS)
     def step(ws):
         # Every product is consumed, so none is dropped; each reads its weights once.
         return sum(jnp.sum((x_f if w.shape[0] == f else x_d) @ w) for w in ws)

@@ -263,3 +263,31 @@ def test_position_embeddings_interpolate_to_a_new_resolution():
     out = run(enc, {"params": params["params"]["vision"]}, big)
     assert out.shape == (1, 36, model.cfg.vision.width)
     assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("connector,scan,qkv_bias", [("projector", True, True),
+                                                     ("projector", False, False),
+                                                     ("cross_attention", True, False)])
+def test_fused_projection_weights_give_the_logits_of_the_separate_ones(connector, scan,
+                                                                       qkv_bias):
+    # Generation on CPU runs q/k/v and gate/up as one matmul each (language.fuse_projections).
+    from lvlm_jax.models.language import FUSED_GATE_UP, FUSED_QKV, fuse_projections
+
+    rng = np.random.default_rng(2)
+    model = tiny(connector, scan=scan, language={"qkv_bias": qkv_bias})
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1),
+                                               **dummy_inputs(model.cfg, batch=1)))
+    ids, pixels = with_images(rng, model)
+    fused = {"params": fuse_projections(params["params"])}
+    names = {p[-1].key for p, _ in
+             jax.tree_util.tree_leaves_with_path(fused["params"]["decoder"])}
+    assert {f"{FUSED_QKV}_kernel", f"{FUSED_GATE_UP}_kernel"} <= names
+    assert (f"{FUSED_QKV}_bias" in names) == qkv_bias
+    # Fused weights must be read (a wrong split shows up in the logits), not just tolerated.
+    broken = jax.tree_util.tree_map_with_path(
+        lambda p, x: x[..., ::-1, :] if p[-1].key == f"{FUSED_QKV}_kernel" else x, fused)
+    ref, _ = run(model, params, ids, pixels)
+    got, _ = run(model, fused, ids, pixels)
+    bad, _ = run(model, broken, ids, pixels)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(bad) - np.asarray(ref))) > 1e-3

@@ -66,8 +66,10 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
     kernel_init: Callable | None = None,
+    **module_kw: Any,
 ) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel (and bias, on the output axes) carry logical names."""
+    """A DenseGeneral whose kernel (and bias, on the output axes) carry logical names.
+    `module_kw` goes to the module (e.g. parent=None for one applied to given weights)."""
     n_out = 1 if isinstance(features, int) else len(features)
     return nn.DenseGeneral(
         features=features,
@@ -80,6 +82,7 @@ def dense(
         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
         dot_general=cpu_dense_dot_general if jax.default_backend() == "cpu" else None,
         name=name,
+        **module_kw,
     )
 
 
