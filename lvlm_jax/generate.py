@@ -11,6 +11,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +87,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 @functools.cache
 def _compiled_for(backend: str) -> Any:
-    options = CPU_COMPILER_OPTIONS if backend == "cpu" else None
+    options = CPU_COMPILER_OPTIONS if backend == "cpu" else None  # "traced": none
     return jax.jit(_generate_tokens, static_argnames=_STATIC, compiler_options=options)
 
 
@@ -102,9 +103,12 @@ def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Arra
     stop token included).
     """
     backend = jax.default_backend()
+    # Inside another jit (a PPO rollout, an eval step) this is inlined there: compiler options
+    # belong to the outer jit only.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, input_ids)))
     # Fused q/k/v and gate/up weights: faster on CPU (see language.fuse_projections); elsewhere
     # not worth a second copy of those weights in accelerator memory.
-    return _compiled_for(backend)(
+    return _compiled_for("traced" if traced else backend)(
         model, params, input_ids, segment_ids, pixel_values, rng,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_ids=stop_ids, pad_id=pad_id, prefix_lm=prefix_lm,
@@ -120,8 +124,8 @@ def _generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Arr
     variables = {"params": params}
     # The decode loop's weights; the prefill keeps the separate ones (its [b, t] matmuls gain
     # nothing from fusing, and lose the time of slicing q, k, v apart).
-    step_variables = ({"params": language.fuse_projections(params)} if fuse_projections
-                      else variables)
+    step_variables = ({"params": language.fuse_projections(nn.meta.unbox(params))}
+                      if fuse_projections else variables)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     prefix = (segment_ids > 0) if prefix_lm else None
     cache = model.apply(variables, b, t + max_new_tokens, method=model.init_cache)

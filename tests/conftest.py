@@ -6,8 +6,12 @@ import os
 import tempfile
 from typing import Any
 
+# XLA:CPU aborts the process when a collective's participants do not all arrive within its
+# termination timeout; 8 fake devices on 2 loaded cores can be that slow. One worker abort in CI
+# (paligemma-tiny's training step) looked like it; the longer timeout rules it out.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Many tests (and the `lvlm` processes they start) compile the same tiny programs; XLA's
