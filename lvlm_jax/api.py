@@ -23,6 +23,7 @@ import numpy as np
 
 from lvlm_jax.checkpoints.hf import import_hf, read_hf_config
 from lvlm_jax.generate import generate_tokens
+from lvlm_jax.models.scan_utils import unstack_layers
 from lvlm_jax.models.vlm import VLM, VLMConfig, build_model, vlm_config
 
 
@@ -130,6 +131,19 @@ def _token_ids(path: str, hf: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     if pad is None:
         pad = eos[0] if eos else 0  # transformers pads with the first EOS id when it has no pad
     return eos, int(pad)
+
+
+def with_unscanned_decoder(vlm: VLMHandle) -> VLMHandle:
+    """The same model with its decoder's layers unstacked (`layers_0`, `layers_1`, ...). On CPU
+    an unrolled decoder decodes ~1.5x faster than a scanned one, which slices each layer's
+    weights and KV cache every step (bench/results/generate.txt). Cross-attention (Flamingo)
+    decoders and unscanned ones are returned as they are."""
+    cfg = vlm.config
+    if not cfg.language.scan_layers or cfg.connector.kind == "cross_attention":
+        return vlm
+    cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, scan_layers=False))
+    params = dict(vlm.params, decoder=unstack_layers(dict(vlm.params["decoder"])))
+    return dataclasses.replace(vlm, config=cfg, params=params, model=build_model(cfg))
 
 
 def from_pretrained(path: str, *, scan_layers: bool = True) -> VLMHandle:

@@ -77,7 +77,7 @@ def load(checkpoint: str) -> Chatbot:
     config.json beside it -> a Chatbot."""
     from ml_collections import ConfigDict
 
-    from lvlm_jax.api import from_pretrained
+    from lvlm_jax.api import from_pretrained, with_unscanned_decoder
     from lvlm_jax.checkpoints.export import MODEL_CONFIG
     from lvlm_jax.train.input_pipeline import load_tokenizer
 
@@ -89,6 +89,8 @@ def load(checkpoint: str) -> Chatbot:
     data = ConfigDict(_run_config(checkpoint)["data"])
     get_template(data.template)  # an unknown template fails here, naming the valid ones
     vlm = from_pretrained(checkpoint)
+    if jax.default_backend() == "cpu":
+        vlm = with_unscanned_decoder(vlm)  # decodes ~1.5x faster there
     tokenizer = load_tokenizer(data)
     if tokenizer.vocab_size > vlm.config.language.vocab_size:
         raise BadInput(f"the run's tokenizer has {tokenizer.vocab_size} pieces but the model's "

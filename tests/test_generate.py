@@ -214,3 +214,25 @@ def test_instruction_aware_resampler_decodes_and_rescores_with_the_prompt_as_ins
     seq = sequence_inputs(ids, seg, out["tokens"], np.ones(out["tokens"].shape, np.float32))
     rescored, _ = response_log_probs(model, params, seq, pixels, 3)
     np.testing.assert_allclose(rescored, out["log_probs"], rtol=1e-4, atol=1e-4)
+
+
+def test_with_unscanned_decoder_unrolls_the_decoder_and_decodes_the_same_tokens(
+        model_and_params):
+    # `lvlm generate` on CPU loads a scanned run this way (decoding ~1.5x faster unrolled).
+    from lvlm_jax.api import VLMHandle, with_unscanned_decoder
+
+    model, params = model_and_params
+    scanned = VLMHandle(config=model.cfg, params=params, model=model)
+    flat = with_unscanned_decoder(scanned)
+    assert model.cfg.language.scan_layers and not flat.config.language.scan_layers
+    assert "layers_0" in flat.params["decoder"]["stack"]
+    assert flat.params["vision"] is params["vision"]  # only the decoder is unrolled
+    rng = np.random.default_rng(6)
+    rows = prompts(model, rng, [4, 2])
+    pixels = pixels_for(model, rng, 2)
+    ids, seg = left_pad(rows)
+    kw = dict(max_new_tokens=5)
+    a = generate_tokens(model, params, ids, seg, pixels, jax.random.PRNGKey(0), **kw)
+    b = generate_tokens(flat.model, flat.params, ids, seg, pixels, jax.random.PRNGKey(0), **kw)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_allclose(a["log_probs"], b["log_probs"], rtol=1e-5, atol=1e-6)
