@@ -40,9 +40,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # it is reported as a rerun, with the dump, and fails if it crashes once more.
 TEST_TIMEOUT_S = float(os.environ.get("LVLM_JAX_TEST_TIMEOUT_S", "1200"))
 _FAULT_DIR = "LVLM_JAX_TEST_FAULT_DIR"
-_MAX_RERUNS = 2
+_MAX_RERUNS = 4
 _crashes: dict[str, int] = {}
 _fault_log = pytest.StashKey[object]()
+
+
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    if getattr(config.option, "maxworkerrestart", "") is None:
+        config.option.maxworkerrestart = "16"  # a rerun needs a fresh worker; xdist's default: 8
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler set-up, which it replaces
