@@ -11,8 +11,8 @@ from typing import Any
 # nothing orders collectives: seen with gdb and XLA's log, 7 devices waited in a scanned loop's
 # all-reduce (op 1) while 6 waited in a top-level all-gather (op 70) of the same run, with idle
 # threads to spare (a bigger pool, PJRT_NPROC=32, did not help). XLA aborts the process when a
-# rendezvous passes its termination timeout (default ~40 s), and the crash handling below reruns
-# the test; a longer timeout only makes each deadlock cost more.
+# rendezvous passes its termination timeout (XLA's default, not timed here), and the crash
+# handling below reruns the test; a longer timeout only makes each deadlock cost more.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
