@@ -148,6 +148,20 @@ def pil_ceiling(paths: list[Path], measure: int) -> float:
     return measure / (time.perf_counter() - start)
 
 
+def pil_padded_loop(paths: list[Path], measure: int) -> float:
+    """A bare loop of LLaVA's own PIL work (expand2square, then resize): not the ceiling, a
+    reference that tells the loader's overhead apart from the cost of the padding."""
+    start = time.perf_counter()
+    for i in range(measure):
+        with Image.open(paths[i % len(paths)]) as img:
+            img = img.convert("RGB")
+        side = max(img.size)
+        square = Image.new("RGB", (side, side), CLIP_MEAN_RGB)
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        square.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    return measure / (time.perf_counter() - start)
+
+
 def _ceiling_process(paths: list[Path], measure: int, barrier, results) -> None:
     barrier.wait()
     results.put(pil_ceiling(paths, measure))
@@ -186,10 +200,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None,
-                   help="rounds over all settings, keeping each one's best (default 3; quick 1)")
+                   help="rounds over all settings (default 5; quick 1)")
     args = p.parse_args()
     shape = QUICK if args.quick else FULL
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     from data_pipelines.convert import convert
     from data_pipelines.loader import demo_tokenizer
 
@@ -217,36 +231,57 @@ def main() -> None:
             if w > 0 or 1 not in shape["workers"]:
                 settings[("ceiling", max(w, 1))] = (parallel_ceiling, paths, shape["measure"],
                                                     max(w, 1))
+            if w == 1:
+                settings[("padded", 1)] = (pil_padded_loop, paths, shape["measure"])
             settings[("ours", w)] = (ours, str(tmp / "shards"), tokenizer, w, shape["measure"])
             settings[("torch", w)] = (torch_loader, dataset, w, shape["measure"])
         best = dict.fromkeys(settings, 0.0)
+        rounds = []  # each round's rates, for ratios of settings measured back to back
         for _ in range(args.repeats):
-            for key, (fn, *fn_args) in settings.items():
-                best[key] = max(best[key], fn(*fn_args))
-        rows = [(w, best[("ours", w)], best[("torch", w)], best[("ceiling", max(w, 1))])
-                for w in shape["workers"]]
+            rates = {key: fn(*fn_args) for key, (fn, *fn_args) in settings.items()}
+            rounds.append(rates)
+            for key, rate in rates.items():
+                best[key] = max(best[key], rate)
 
     print(f"data_loader: {shape['records']} records of {shape['images']} JPEGs 640x480 "
           f"(~{jpeg_kb:.0f} KB), decode + "
           f"pad-to-square + resize {SIZE} + tokenize a conversation, batch {BATCH}, "
-          f"{os.cpu_count()} CPUs, best of {args.repeats} interleaved rounds")
+          f"{os.cpu_count()} CPUs, {args.repeats} interleaved rounds")
     print("  ours: grain over ArrayRecord shards from `lvlm data convert`, ships uint8 pixels "
           "(normalize on the accelerator)")
     print("  torch: DataLoader over the JPEG files, PIL expand2square + resize, float32 "
           "ToTensor+Normalize (as torchvision)")
     print(f"  the same uint8 pixels before normalization: max |diff| = {diff}")
     print("  ceiling per worker: bare PIL decode + resize (no pad, no tokenizer), as many "
-          "loops at once as workers (best round)")
+          "loops at once as workers")
     print(f"  workers 0: the loop's process reads with one thread per core ({os.cpu_count()} "
           "here), so that row's 'per worker' figure uses every core; a worker reads with one")
+    print("  ratios: each round measures the ceiling, ours and torch back to back; a ratio is "
+          "the median over rounds of that round's ratio (this VM's speed drifts by +-15% "
+          "within a minute, so rates from different moments do not compare)")
+    for i, rates in enumerate(rounds):
+        cells = [f"{w}: ours {rates[('ours', w)]:.1f} torch {rates[('torch', w)]:.1f} "
+                 f"ceiling {rates[('ceiling', max(w, 1))]:.1f}" for w in shape["workers"]]
+        print(f"  round {i + 1} img/s, workers " + " | ".join(cells))
     print(f"  {'workers':>7} {'ours img/s':>11} {'torch img/s':>12} {'ceiling/worker':>15} "
-          f"{'ours/torch':>11} {'ours/ceiling per worker':>24}")
-    for w, o, t, c in rows:
-        print(f"  {w:>7} {o:>11.1f} {t:>12.1f} {c:>15.1f} {o / t:>10.2f}x "
-              f"{o / (c * max(w, 1)):>23.0%}")
-    w, o, t, c = rows[-1]
-    print(f"data_loader: ours {o:.1f} img/s, torch {t:.1f} img/s, ceiling {c:.1f} img/s per "
-          f"worker, {w} workers, ratio {o / t:.2f}x, {o / (c * max(w, 1)):.0%} of the ceiling")
+          f"{'ours/torch':>11} {'ours/ceiling per worker':>24}   (img/s: best round; "
+          "ratios: median [range] over rounds)")
+    rows = []
+    for w in shape["workers"]:
+        vs_torch = [r[("ours", w)] / r[("torch", w)] for r in rounds]
+        vs_ceiling = [r[("ours", w)] / (r[("ceiling", max(w, 1))] * max(w, 1)) for r in rounds]
+        rows.append((w, float(np.median(vs_torch)), float(np.median(vs_ceiling))))
+        print(f"  {w:>7} {best[('ours', w)]:>11.1f} {best[('torch', w)]:>12.1f} "
+              f"{best[('ceiling', max(w, 1))]:>15.1f} {rows[-1][1]:>10.2f}x "
+              f"{rows[-1][2]:>23.0%}   [{min(vs_torch):.2f}-{max(vs_torch):.2f}x, "
+              f"{min(vs_ceiling):.0%}-{max(vs_ceiling):.0%}]")
+    vs_padded = [r[("ours", 1)] / r[("padded", 1)] for r in rounds]
+    print(f"  1 worker vs a bare loop of LLaVA's PIL work (decode + expand2square + resize, "
+          f"best {best[('padded', 1)]:.1f} img/s): {np.median(vs_padded):.0%} "
+          f"[{min(vs_padded):.0%}-{max(vs_padded):.0%}] (median [range] over rounds)")
+    for w, vs_torch, vs_ceiling in rows[1:] if len(rows) > 1 else rows:
+        print(f"data_loader: {w} workers, ours/torch {vs_torch:.2f}x, "
+              f"{vs_ceiling:.0%} of the ceiling per worker (medians of {args.repeats} rounds)")
 
 
 if __name__ == "__main__":

@@ -288,6 +288,11 @@ def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDat
 
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library user never parses them
         flags.FLAGS.mark_as_parsed()
+    if worker_count == 1 and hasattr(batches, "enable_shared_memory_output"):
+        # Grain stacks batches straight into shared memory only for 2+ workers; with one, each
+        # batch was stacked, then copied into fresh shared memory (~4 ms a batch of 8 336px
+        # images here, most of it first-touch page faults): bench/results/data_loader.txt.
+        batches.enable_shared_memory_output()
     return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 

@@ -63,6 +63,23 @@ def test_restored_iterator_continues_with_the_uninterrupted_batches(tok, tmp_pat
             it.close()  # stops worker processes now rather than at garbage collection
 
 
+def test_one_worker_yields_the_in_process_batches(tok):
+    # One worker stacks its batches straight into shared memory (loader.with_workers).
+    def batches(workers):
+        it = iter(make_dataset(
+            SyntheticSource("conversation", 20, image_size=16), kind="conversation",
+            tokenizer=tok, template="vicuna_v1", seq_len=64, image_size=16, image_tokens=4,
+            batch_size=3, seed=2, worker_count=workers))
+        out = [{k: np.array(v) for k, v in b.items()} for b in itertools.islice(it, 8)]
+        if hasattr(it, "close"):
+            it.close()
+        return out
+
+    in_process, one_worker = batches(0), batches(1)
+    assert in_process[0]["pixel_values"].any() and in_process[0]["loss_mask"].any()
+    _assert_batches_equal(one_worker, in_process)
+
+
 class _Record(grain.transforms.Map):
     """Keeps every batch the loop takes; sends this process SIGTERM (preemption) at batch
     `preempt_at`, so the loop saves a checkpoint after that step and stops."""
