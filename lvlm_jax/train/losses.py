@@ -41,11 +41,6 @@ def chunked_cross_entropy_sum(hidden: Array, head: Callable[[Array], Array], tar
     """
     b, t, d = hidden.shape
     order = jnp.argsort(weights == 0, axis=1, stable=True)
-    # `order` depends on the inputs only, so a sharded program could gather it at any time, even
-    # while the decoder's scanned loop runs its own collectives; on XLA:CPU's fake devices two
-    # such collectives started in different orders per device and deadlocked (tests/conftest.py).
-    # The barrier puts the gather after the decoder on every device.
-    hidden, order = jax.lax.optimization_barrier((hidden, order))
     hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
     targets = jnp.take_along_axis(targets, order, axis=1)
     weights = jnp.take_along_axis(weights, order, axis=1)
