@@ -22,11 +22,13 @@ class BadRecord(ValueError):
     """A record that cannot become a training example; it is skipped and counted."""
 
 
-def checked_image(image: Any, size: int, mode: str = "pad") -> np.ndarray:
-    """prepare_image, or BadRecord for an image that cannot be read or has more than MAX_PIXELS
-    pixels (read from the header first, so a decompression bomb is never decoded)."""
+def checked_image(image: Any, size: int, mode: str = "pad",
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """prepare_image (into `out` if given), or BadRecord for an image that cannot be read or has
+    more than MAX_PIXELS pixels (read from the header first, so a decompression bomb is never
+    decoded)."""
     try:
-        return prepare_image(image, size, mode, max_pixels=MAX_PIXELS)
+        return prepare_image(image, size, mode, max_pixels=MAX_PIXELS, out=out)
     except ImageTooLarge as e:
         raise BadRecord(str(e)) from e
     except Image.DecompressionBombError as e:  # PIL's own refusal, past twice its limit
@@ -116,22 +118,20 @@ def encode_example(
     if not mask[1:].any():
         raise BadRecord(f"no supervised token fits in seq_len={seq_len}")
 
-    pixels = np.zeros((max_images, image_size, image_size, 3), np.uint8)
-    for j, image in enumerate(images):
-        prepared = checked_image(image, image_size, image_mode)
-        if starts[j] + image_tokens <= keep:
-            pixels[j] = prepared
-
     example = {
         name: np.zeros(shape, dtype)
         for name, (shape, dtype) in example_spec(seq_len, image_size, max_images).items()
     }
+    for j, image in enumerate(images):
+        # An image whose token block was cut away is still checked, and stays zero.
+        kept = starts[j] + image_tokens <= keep
+        checked_image(image, image_size, image_mode,
+                      out=example["pixel_values"][j] if kept else None)
     example["input_ids"][:keep] = ids
     example["targets"][: keep - 1] = ids[1:]
     example["loss_mask"][: keep - 1] = mask[1:]
     example["segment_ids"][:keep] = 1
     example["positions"][:keep] = np.arange(keep)
-    example["pixel_values"] = pixels
     return example
 
 
@@ -218,7 +218,7 @@ def encode_prompt(
     out["prompt_segment_ids"][seq_len - len(ids):] = 1
     out["reference_ids"][: len(ref)] = ref
     for j, image in enumerate(images):
-        out["pixel_values"][j] = checked_image(image, image_size, image_mode)
+        checked_image(image, image_size, image_mode, out=out["pixel_values"][j])
     return out
 
 

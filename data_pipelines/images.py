@@ -64,12 +64,14 @@ class ImageTooLarge(ValueError):
 
 def prepare_image(
     img: Any, size: int, mode: str = "pad", fill: tuple[int, int, int] = CLIP_MEAN_RGB,
-    max_pixels: int | None = None,
+    max_pixels: int | None = None, out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Any supported image -> uint8 [size, size, 3]; "pad" keeps the aspect ratio, "resize" not.
 
     The pixels are exactly those of `resize(pad_to_square(to_rgb_uint8(img)), size)` (tested).
     Encoded images with more than `max_pixels` pixels raise ImageTooLarge before decoding.
+    `out`, a uint8 [size, size, 3] array (e.g. a slot of a batch), receives the pixels and is
+    returned: one copy out of PIL instead of two.
     """
     if mode not in MODES:
         raise ValueError(f"unknown image mode {mode!r}; valid modes: {list(MODES)}")
@@ -91,7 +93,11 @@ def prepare_image(
         pil = canvas
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.Resampling.BICUBIC)
-    return np.array(pil, dtype=np.uint8)
+    if out is None:
+        return np.array(pil, dtype=np.uint8)
+    # np.asarray views the bytes PIL packs its RGBX rows into; np.array would copy them again.
+    out[...] = np.asarray(pil)
+    return out
 
 
 def _rgb_image(img: Any, max_pixels: int | None = None) -> Image.Image:

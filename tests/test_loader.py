@@ -302,6 +302,12 @@ def test_prepare_image_equals_pad_to_square_then_resize_bitwise(fmt):
             reference = resize(pad_to_square(to_rgb_uint8(data)), size)
             np.testing.assert_array_equal(prepare_image(data, size), reference,
                                           err_msg=f"{width}x{height} -> {size}")
+            # Into a batch slot (the loader's path): the same pixels, written in place.
+            batch = np.zeros((2, size, size, 3), np.uint8)
+            returned = prepare_image(data, size, out=batch[1])
+            np.testing.assert_array_equal(batch[1], reference)
+            assert np.shares_memory(returned, batch)
+            assert not batch[0].any()
 
 
 def test_prepare_image_refuses_more_pixels_than_allowed_before_decoding():
