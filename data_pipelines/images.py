@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +86,20 @@ def prepare_image(
         # sum to 1 within far less than half a level), so the result is the same, ~20% sooner.
         if width != size:
             pil = pil.resize((size, height), Image.Resampling.BICUBIC)
-        canvas = Image.new("RGB", (size, width), tuple(fill))
-        canvas.paste(pil, (0, (width - height) // 2))
+        # Output rows that read padding only are `fill`; when a shorter canvas (a0 and a1 pad
+        # rows fewer) resized to size - b0 - b1 rows gives the others bit for bit, the vertical
+        # pass skips them.
+        top = (width - height) // 2
+        a0, b0, a1, b1 = _pad_rows_left_out(width, size, top, width - height - top)
+        canvas = Image.new("RGB", (size, width - a0 - a1), tuple(fill))
+        canvas.paste(pil, (0, top - a0))
+        if b0 or b1:
+            kept = canvas.resize((size, size - b0 - b1), Image.Resampling.BICUBIC)
+            out = np.empty((size, size, 3), np.uint8) if out is None else out
+            out[:b0] = fill
+            out[b0 : size - b1] = np.asarray(kept)
+            out[size - b1 :] = fill
+            return out
         pil = canvas
     elif mode == "pad" and width < height:
         canvas = Image.new("RGB", (height, height), tuple(fill))
@@ -98,6 +112,75 @@ def prepare_image(
     # np.asarray views the bytes PIL packs its RGBX rows into; np.array would copy them again.
     out[...] = np.asarray(pil)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _pad_rows_left_out(side: int, size: int, top: int, bottom: int) -> tuple[int, int, int, int]:
+    """(a0, b0, a1, b1) for a bicubic resize of `side` rows, the first `top` and last `bottom`
+    of them padding, to `size` rows: output rows [0, b0) and [size - b1, size) read padding only,
+    and the rows [a0, side - a1) resized alone to size - b0 - b1 rows give the others bit for bit.
+    (0, 0, 0, 0) when there is no such cut.
+
+    Checked on PIL's own fixed-point taps (_bicubic_taps): a row's taps must equal the full
+    resize's, or both must read padding only (then the row is exactly `fill`: the weights sum to
+    1 within far less than half a level). The cut keeps the scale exactly (a / b == side / size)
+    and each filter centre is a single product, (y + 0.5) * scale, in both resizes, so a build
+    that fuses multiply-adds computes the same centres."""
+    if side <= size:
+        return 0, 0, 0, 0
+    g = math.gcd(side, size)
+    p, q = side // g, size // g
+    full = _bicubic_taps(side, size)
+
+    def pad_only(first: int, taps: tuple[int, ...]) -> bool:
+        return first + len(taps) <= top or first >= side - bottom
+
+    k0 = k1 = 0
+    while (k0 + 1) * q < size and pad_only(*full[(k0 + 1) * q - 1]):
+        k0 += 1
+    while (k1 + 1) * q < size and pad_only(*full[size - (k1 + 1) * q]):
+        k1 += 1
+    while k0 + k1 > 0:
+        a0, b0, a1, b1 = k0 * p, k0 * q, k1 * p, k1 * q
+        n = size - b0 - b1
+        if n > 0 and (side - a0 - a1) / n == side / size:
+            cut = _bicubic_taps(side - a0 - a1, n)
+            if all((first + a0, taps) == full[y + b0]
+                   or (pad_only(first + a0, taps) and pad_only(*full[y + b0]))
+                   for y, (first, taps) in enumerate(cut)):
+                return a0, b0, a1, b1
+        k0, k1 = (k0 - 1, k1) if k0 >= k1 else (k0, k1 - 1)
+    return 0, 0, 0, 0
+
+
+def _bicubic_taps(in_size: int, out_size: int) -> list[tuple[int, tuple[int, ...]]]:
+    """Per output row, the first input row and the fixed-point weights (22 fraction bits) of
+    PIL's bicubic resize of in_size rows to out_size: Resample.c's precompute_coeffs and
+    normalize_coeffs_8bpc, step for step, in doubles as there."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support, ss = 2.0 * filterscale, 1.0 / filterscale
+
+    def bicubic(x: float) -> float:
+        x = -x if x < 0.0 else x
+        if x < 1.0:
+            return ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1
+        if x < 2.0:
+            return (((x - 5) * x + 8) * x - 4) * -0.5
+        return 0.0
+
+    rows = []
+    for y in range(out_size):
+        centre = (y + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        count = min(int(centre + support + 0.5), in_size) - first
+        weights = [bicubic((x + first - centre + 0.5) * ss) for x in range(count)]
+        total = 0.0
+        for w in weights:
+            total += w
+        weights = [w / total for w in weights] if total != 0.0 else weights
+        rows.append((first, tuple(int(w * (1 << 22) + (-0.5 if w < 0 else 0.5)) for w in weights)))
+    return rows
 
 
 def _rgb_image(img: Any, max_pixels: int | None = None) -> Image.Image:

@@ -310,6 +310,32 @@ def test_prepare_image_equals_pad_to_square_then_resize_bitwise(fmt):
             assert not batch[0].any()
 
 
+def test_prepare_image_leaves_out_pad_only_rows_without_changing_a_pixel():
+    # Wide images: the vertical pass skips output rows that read padding only, resizing a
+    # shorter canvas instead (data_pipelines/images.py: _pad_rows_left_out). Every pixel must
+    # stay that of pad_to_square then resize, at the sides and sizes where the cut applies.
+    from data_pipelines.images import _pad_rows_left_out
+
+    assert _pad_rows_left_out(640, 336, 80, 80) == (40, 21, 40, 21)  # COCO's 640x480 at 336
+    assert _pad_rows_left_out(640, 336, 0, 1) == (0, 0, 0, 0)  # no row reads padding only
+    rng = np.random.default_rng(1)
+    cuts = 0
+    for width, size in ((640, 336), (612, 336), (1024, 336), (640, 224), (640, 384), (800, 448),
+                        (500, 336), (337, 336)):
+        for height in sorted({int(h) for h in rng.integers(1, width, 5)} | {width * 3 // 4}):
+            top = (width - height) // 2
+            cuts += any(_pad_rows_left_out(width, size, top, width - height - top))
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            pixels[:2], pixels[-2:] = 255, 0  # hard edges against the padding
+            reference = resize(pad_to_square(pixels), size)
+            np.testing.assert_array_equal(prepare_image(pixels, size), reference,
+                                          err_msg=f"{width}x{height} -> {size}")
+            slot = np.full((size, size, 3), 7, np.uint8)
+            np.testing.assert_array_equal(prepare_image(pixels, size, out=slot), reference)
+            np.testing.assert_array_equal(slot, reference)
+    assert cuts >= 25  # the cut ran, not only the full resize
+
+
 def test_prepare_image_refuses_more_pixels_than_allowed_before_decoding():
     from data_pipelines.images import ImageTooLarge
 
