@@ -125,7 +125,9 @@ def _pad_rows_left_out(side: int, size: int, top: int, bottom: int) -> tuple[int
     resize's, or both must read padding only (then the row is exactly `fill`: the weights sum to
     1 within far less than half a level). The cut keeps the scale exactly (a / b == side / size)
     and each filter centre is a single product, (y + 0.5) * scale, in both resizes, so a build
-    that fuses multiply-adds computes the same centres."""
+    that fuses multiply-adds (arm64) computes the same centres; only its filter polynomial may
+    round differently in the last bit, which moves a 22-bit tap only for a weight within ~1e-9
+    of a rounding edge."""
     if side <= size:
         return 0, 0, 0, 0
     g = math.gcd(side, size)
@@ -153,7 +155,8 @@ def _pad_rows_left_out(side: int, size: int, top: int, bottom: int) -> tuple[int
     return 0, 0, 0, 0
 
 
-def _bicubic_taps(in_size: int, out_size: int) -> list[tuple[int, tuple[int, ...]]]:
+@functools.lru_cache(maxsize=64)
+def _bicubic_taps(in_size: int, out_size: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """Per output row, the first input row and the fixed-point weights (22 fraction bits) of
     PIL's bicubic resize of in_size rows to out_size: Resample.c's precompute_coeffs and
     normalize_coeffs_8bpc, step for step, in doubles as there."""
@@ -180,7 +183,7 @@ def _bicubic_taps(in_size: int, out_size: int) -> list[tuple[int, tuple[int, ...
             total += w
         weights = [w / total for w in weights] if total != 0.0 else weights
         rows.append((first, tuple(int(w * (1 << 22) + (-0.5 if w < 0 else 0.5)) for w in weights)))
-    return rows
+    return tuple(rows)
 
 
 def _rgb_image(img: Any, max_pixels: int | None = None) -> Image.Image:
