@@ -102,8 +102,23 @@ def prepare_image(
             return out
         pil = canvas
     elif mode == "pad" and width < height:
-        canvas = Image.new("RGB", (height, height), tuple(fill))
-        canvas.paste(pil, ((height - width) // 2, 0))
+        # Tall images: the same cut, on the columns (both passes run over fewer of them).
+        left = (height - width) // 2
+        a0, b0, a1, b1 = _pad_rows_left_out(height, size, left, height - width - left)
+        canvas = Image.new("RGB", (height - a0 - a1, height), tuple(fill))
+        canvas.paste(pil, (left - a0, 0))
+        if b0 or b1:
+            # One pass per call: on a narrow canvas PIL 13 may run the vertical pass first (seen
+            # at 80x640), while the square canvas's resize runs the horizontal one first, and
+            # the uint8 rounding between the passes makes the order matter.
+            kept = canvas.resize((size - b0 - b1, height), Image.Resampling.BICUBIC)
+            if height != size:
+                kept = kept.resize((size - b0 - b1, size), Image.Resampling.BICUBIC)
+            out = np.empty((size, size, 3), np.uint8) if out is None else out
+            out[:, :b0] = fill
+            out[:, b0 : size - b1] = np.asarray(kept)
+            out[:, size - b1 :] = fill
+            return out
         pil = canvas
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.Resampling.BICUBIC)

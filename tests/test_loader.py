@@ -311,9 +311,10 @@ def test_prepare_image_equals_pad_to_square_then_resize_bitwise(fmt):
 
 
 def test_prepare_image_leaves_out_pad_only_rows_without_changing_a_pixel():
-    # Wide images: the vertical pass skips output rows that read padding only, resizing a
-    # shorter canvas instead (data_pipelines/images.py: _pad_rows_left_out). Every pixel must
-    # stay that of pad_to_square then resize, at the sides and sizes where the cut applies.
+    # Output rows (wide images) or columns (tall ones) that read padding only are left out of
+    # the resize, which runs on a canvas with fewer pad rows or columns instead
+    # (data_pipelines/images.py: _pad_rows_left_out). Every pixel must stay that of
+    # pad_to_square then resize, at the sides and sizes where the cut applies.
     from data_pipelines.images import _pad_rows_left_out
 
     assert _pad_rows_left_out(640, 336, 80, 80) == (40, 21, 40, 21)  # COCO's 640x480 at 336
@@ -325,14 +326,15 @@ def test_prepare_image_leaves_out_pad_only_rows_without_changing_a_pixel():
         for height in sorted({int(h) for h in rng.integers(1, width, 5)} | {width * 3 // 4}):
             top = (width - height) // 2
             cuts += any(_pad_rows_left_out(width, size, top, width - height - top))
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            pixels[:2], pixels[-2:] = 255, 0  # hard edges against the padding
-            reference = resize(pad_to_square(pixels), size)
-            np.testing.assert_array_equal(prepare_image(pixels, size), reference,
-                                          err_msg=f"{width}x{height} -> {size}")
-            slot = np.full((size, size, 3), 7, np.uint8)
-            np.testing.assert_array_equal(prepare_image(pixels, size, out=slot), reference)
-            np.testing.assert_array_equal(slot, reference)
+            wide = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            wide[:2], wide[-2:] = 255, 0  # hard edges against the padding
+            for pixels in (wide, wide.transpose(1, 0, 2)):  # and the tall image
+                reference = resize(pad_to_square(pixels), size)
+                np.testing.assert_array_equal(prepare_image(pixels, size), reference,
+                                              err_msg=f"{pixels.shape} -> {size}")
+                slot = np.full((size, size, 3), 7, np.uint8)
+                np.testing.assert_array_equal(prepare_image(pixels, size, out=slot), reference)
+                np.testing.assert_array_equal(slot, reference)
     assert cuts >= 25  # the cut ran, not only the full resize
 
 
