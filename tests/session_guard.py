@@ -92,6 +92,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     log = config.stash.get(_fault_log, None)
     if log is not None:  # a worker that cannot exit (a thread stuck in XLA) is ended, with stacks
         faulthandler.dump_traceback_later(300, exit=True, file=log)
+    elif os.environ.get(_OWNER) == str(os.getpid()):
+        # The controller, last: whatever the tests left running would hold on to the cores and
+        # to the output pipes that the session's caller (CI) reads until they close.
+        left = end_processes(os.environ[_OWNER], with_descendants=True)
+        if left:
+            _say(f"ended {len(left)} processes the tests left running (pids {left})")
 
 
 @pytest.hookimpl(hookwrapper=True)

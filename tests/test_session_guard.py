@@ -1,6 +1,7 @@
 """The suite's own safety net (tests/session_guard.py): a crashed test, a hung test and a test
 that hangs where the worker's own timer cannot see it each rerun on a fresh worker, the
-processes they started end with them, and the session finishes green."""
+processes they started end with them, so do those a passing test left running, and the session
+finishes green."""
 
 import os
 import shutil
@@ -29,12 +30,14 @@ def test_hangs_once_with_a_child():
 def test_after(): pass
 '''
 STALL = '''
-import faulthandler, os, time
+import faulthandler, os, subprocess, time
 def test_stalls_once():
     if not os.path.exists("stall.mark"):
         open("stall.mark", "w").close()
         faulthandler.cancel_dump_traceback_later()  # a hang the worker's own timer misses
         time.sleep(600)
+def test_leaves_a_process_running():  # after the stall, on a fresh worker
+    open("left.pid", "w").write(str(subprocess.Popen(["sleep", "600"]).pid))
 '''
 
 
@@ -46,7 +49,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_crashed_hung_and_stalled_tests_rerun_and_their_processes_end(tmp_path):
+def test_crashed_hung_and_stalled_tests_rerun_and_no_process_they_started_outlives_the_session(
+        tmp_path):
     for name in ("conftest.py", "session_guard.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     for name, text in (("test_crash.py", CRASH), ("test_hang.py", HANG),
@@ -62,9 +66,11 @@ def test_crashed_hung_and_stalled_tests_rerun_and_their_processes_end(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
-    assert "6 passed, 3 rerun" in out, out[-6000:]
+    assert "7 passed, 3 rerun" in out, out[-6000:]
     assert "test_segfaults_once ended worker" in out and "Segmentation fault" in out
     assert "Timeout (0:00:08)!" in out  # the hung test's stacks are in its report
     assert "ended 1 processes it started" in out
     assert "no word from any test worker for" in out and "test_stalls_once" in out
     assert not _alive(int((tmp_path / "child.pid").read_text()))
+    assert "processes the tests left running" in out
+    assert not _alive(int((tmp_path / "left.pid").read_text()))
