@@ -28,6 +28,7 @@ from data_pipelines.encoders import (
     prompt_spec,
     vqa_prompt,
 )
+from data_pipelines.lanes import lane_batches
 from data_pipelines.packing import MODES as PACKING_MODES
 from data_pipelines.packing import pack_first_fit
 from data_pipelines.skips import DropSkipped, Skipped
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 PACKABLE_KINDS = ("caption", "conversation")  # kinds whose examples pack.py can pack
+# Open rows of a lane's first-fit packer: a sample that fits none of them flushes them all, so
+# more bins fill rows better and hold more examples back.
+LANE_PACKING_BINS = 4
 DEMO_VOCAB_SIZE = 384  # an upper bound: the closed synthetic vocabulary needs fewer pieces
 _DEMO_TOKENIZER = "demo_tokenizer_v2"  # bump when the corpus or the template words change
 _KEPT_IDS = 100  # skipped ids remembered by SkipStats
@@ -177,8 +181,7 @@ def make_dataset(
     seed: int,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: Sequence[int] | None = None,
     image_mode: str = "pad",
     max_skip_fraction: float | None = 0.5,
     stats: SkipStats | None = None,
@@ -189,24 +192,25 @@ def make_dataset(
 ) -> grain.IterDataset:
     """A deterministic, checkpointable grain pipeline of batches (dicts of stacked numpy arrays).
 
-    This process reads records `shard_index::shard_count`, shuffled by `seed` (reshuffled every
-    epoch), for `num_epochs` epochs (None: forever). Caption records use the `plain` template and
-    conversation records `template`. Bad records are skipped, logged with their id and counted
-    (in `stats`, and in the iterator state: skips.skip_counts); iteration fails once more than
-    `max_skip_fraction` of the records read were skipped (after `min_skip_records` reads). With
-    `packing="first_fit"` a row holds several samples (see packing.py; preference pairs are never
-    packed). The last partial batch is dropped. `worker_count` > 0 runs the pipeline in that
-    many processes (see `with_workers`).
+    The records are shuffled by `seed` (reshuffled every epoch) for `num_epochs` epochs (None:
+    forever) and dealt into `batch_size` lanes, one per row of the global batch (see lanes.py):
+    the global batch of step s depends on the dataset, the seed and s only, and this process
+    gets its `rows` of it (None: all), reading only their lanes. Caption records use the `plain`
+    template and conversation records `template`. A bad record is skipped within its lane,
+    logged with its id and counted (in `stats`, and in the iterator state: skips.skip_counts);
+    iteration fails once more than `max_skip_fraction` of the records read were skipped (after
+    `min_skip_records` reads). With `packing="first_fit"` a row holds several samples of its lane
+    (see packing.py; preference pairs are never packed). Iteration ends when a lane of `rows`
+    does. `worker_count` > 0 runs the pipeline in that many processes (see `with_workers`).
     """
     check_pipeline(template, seq_len, batch_size, packing)
     examples = encoded_source(
-        source, kind=kind, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        shard_index=shard_index, shard_count=shard_count, stats=stats, tokenizer=tokenizer,
-        template=template, seq_len=seq_len, image_size=image_size, image_tokens=image_tokens,
-        max_images=max_images, image_mode=image_mode)
+        source, kind=kind, seed=seed, shuffle=shuffle, num_epochs=num_epochs, stats=stats,
+        tokenizer=tokenizer, template=template, seq_len=seq_len, image_size=image_size,
+        image_tokens=image_tokens, max_images=max_images, image_mode=image_mode)
     return batch_examples(
         examples, packable=kind in PACKABLE_KINDS, tokenizer=tokenizer, seq_len=seq_len,
-        image_tokens=image_tokens, max_images=max_images, batch_size=batch_size,
+        image_tokens=image_tokens, max_images=max_images, batch_size=batch_size, rows=rows,
         read_options=read_options, worker_count=worker_count, packing=packing,
         max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records)
 
@@ -222,19 +226,17 @@ def check_pipeline(template: str, seq_len: int, batch_size: int, packing: str) -
 
 def encoded_source(
     source: Sequence[dict[str, Any]], *, kind: str, seed: int, shuffle: bool = True,
-    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
-    stats: SkipStats | None = None, **encode_kwargs: Any,
+    num_epochs: int | None = None, stats: SkipStats | None = None, **encode_kwargs: Any,
 ) -> grain.MapDataset:
-    """This process's records `shard_index::shard_count` of `source`, shuffled by `seed`
-    (reshuffled every epoch), repeated `num_epochs` times (None: forever), each encoded as `kind`
-    (`encode_kwargs` go to encode_example) or, when bad, a `Skipped` marker counted in `stats`."""
+    """The example stream of `source`: its records shuffled by `seed` (reshuffled every epoch),
+    repeated `num_epochs` times (None: forever), each encoded as `kind` (`encode_kwargs` go to
+    encode_example) or, when bad, a `Skipped` marker counted in `stats`. Random access: a
+    position is encoded only when it is read."""
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    ds = grain.MapDataset.source(ReadableSource(source))[shard_index::shard_count]
+    ds = grain.MapDataset.source(ReadableSource(source))
     if len(ds) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} of {len(source)} records is empty")
+        raise ValueError(f"{source!r} holds no records")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs).map(EncodeRecord(stats, kind=kind, **encode_kwargs))
@@ -242,41 +244,53 @@ def encoded_source(
 
 def batch_examples(
     examples: grain.MapDataset, *, packable: bool, tokenizer: TextTokenizer, seq_len: int,
-    image_tokens: int, max_images: int, batch_size: int,
+    image_tokens: int, max_images: int, batch_size: int, rows: Sequence[int] | None = None,
     read_options: grain.ReadOptions | None = None, worker_count: int = 0, packing: str = "none",
     max_skip_fraction: float | None = 0.5, min_skip_records: int = 1000,
 ) -> grain.IterDataset:
-    """Encoded examples and `Skipped` markers -> batches: the markers dropped and counted in the
-    iterator state (skips.DropSkipped, under the skip budget), rows packed when `packing` asks
-    and the examples are `packable`, the last partial batch dropped, made in `worker_count`
-    processes."""
-    it = DropSkipped(
-        examples.to_iter_dataset(reader_options(read_options, worker_count, batch_size)),
-        max_skip_fraction, min_skip_records)
-    if packing == "first_fit" and packable:
-        # As many open rows as a batch has: a flush of full rows then fills about one batch.
-        it = pack_first_fit(it, seq_len=seq_len, max_images=max_images,
-                            image_id=tokenizer.image_id, image_tokens=image_tokens,
-                            num_bins=batch_size)
-    return with_workers(it.batch(batch_size, drop_remainder=True), worker_count)
+    """The example stream (encoded examples and `Skipped` markers) -> this process's `rows` of
+    every global batch of `batch_size` rows (lanes.py): in each row's lane the markers are
+    dropped and counted in the iterator state (skips.DropSkipped; one skip budget over the
+    lanes), and rows are packed when `packing` asks and the examples are `packable`; made in
+    `worker_count` processes."""
+    num_lanes = batch_size if rows is None else len(rows)
+    options = reader_options(read_options, worker_count, num_lanes)
+
+    def make_lane(lane: grain.MapDataset) -> grain.IterDataset:
+        # A lane holds the budget too: one that reads only bad records never yields a row.
+        it = DropSkipped(lane.to_iter_dataset(options), max_skip_fraction, min_skip_records)
+        if packing == "first_fit" and packable:
+            it = pack_first_fit(it, seq_len=seq_len, max_images=max_images,
+                                image_id=tokenizer.image_id, image_tokens=image_tokens,
+                                num_bins=LANE_PACKING_BINS)
+        return it
+
+    batches = lane_batches(examples, batch_size=batch_size, rows=rows, make_lane=make_lane,
+                           max_skip_fraction=max_skip_fraction,
+                           min_skip_records=min_skip_records)
+    return with_workers(batches, worker_count)
 
 
 def reader_options(read_options: grain.ReadOptions | None, worker_count: int,
-                   batch_size: int) -> grain.ReadOptions | None:
-    """`read_options`, or reader threads sized to the cores: one per worker process, and in this
-    process one per core (at most grain's default of 16). More only contend for the GIL and the
-    cores: on 2 cores grain's 16 threads read at about half the speed of 2."""
+                   num_lanes: int) -> grain.ReadOptions:
+    """`read_options` for each lane, or reader threads sized to the cores across the lanes: one
+    a lane (each lane reads on its own), none in worker processes, which are the parallelism
+    there. More only contend for the GIL and the cores: on 2 cores grain's 16 threads read at
+    about half the speed of 2."""
     if read_options is not None:
         return read_options
-    threads = 1 if worker_count > 0 else min(16, os.cpu_count() or 1)
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size)
+    if worker_count > 0 or num_lanes > 4 * (os.cpu_count() or 1):
+        return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 
 
 def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     """`batches` made in `worker_count` processes (0: in this one); deterministic, checkpointable.
 
-    Worker i batches records i::worker_count and batches come round-robin from the workers, so the
-    order depends on worker_count (a resume must keep it). Workers are spawned and get a pickled
+    Worker i reads positions i::worker_count of every lane, so it makes the batches of steps i,
+    i + worker_count, ..., and batches come round-robin from the workers: without skips or
+    packing that is the in-process order; with them, a lane's rows depend on worker_count (a
+    resume must keep it). Workers are spawned and get a pickled
     copy of the pipeline (tokenizers reload by path); their SkipStats stay in the workers, so the
     caller's `stats` count nothing then.
     """

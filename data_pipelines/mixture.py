@@ -135,8 +135,7 @@ def make_mixture_dataset(
     seed: int,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: Sequence[int] | None = None,
     image_mode: str = "pad",
     max_skip_fraction: float | None = 0.5,
     stats: SkipStats | None = None,
@@ -147,11 +146,12 @@ def make_mixture_dataset(
 ) -> grain.IterDataset:
     """`loader.make_dataset` over a weighted mixture of `(source, kind, weight)` parts.
 
-    Source i is sharded like make_dataset's source, shuffled with seed `seed + i`, repeated
+    Source i is shuffled with seed `seed + i`, repeated
     `num_epochs` times (None: forever; with a number the mixture ends when its first source
-    does) and encoded as `kind`. Skipped records leave a gap in their source's share, so the
-    proportions hold for the records that encode; the skip counts and budget (one over the whole
-    mixture), packing and workers are make_dataset's.
+    does) and encoded as `kind`; the mixed stream is dealt into lanes like make_dataset's, and
+    this process gets its `rows`. Skipped records leave a gap in their lane, so the proportions
+    hold for the records that encode; the skip counts and budget (one over the whole mixture),
+    packing and workers are make_dataset's.
     """
     check_pipeline(template, seq_len, batch_size, packing)
     stats = stats if stats is not None else SkipStats()
@@ -160,7 +160,7 @@ def make_mixture_dataset(
         try:
             datasets.append(encoded_source(
                 source, kind=kind, seed=seed + i, shuffle=shuffle, num_epochs=num_epochs,
-                shard_index=shard_index, shard_count=shard_count, stats=stats,
+                stats=stats,
                 tokenizer=tokenizer, template=template, seq_len=seq_len, image_size=image_size,
                 image_tokens=image_tokens, max_images=max_images, image_mode=image_mode))
         except ValueError as e:
@@ -169,5 +169,5 @@ def make_mixture_dataset(
     return batch_examples(
         mix(datasets, weights), packable=all(k in PACKABLE_KINDS for _, k, w in parts if w > 0),
         tokenizer=tokenizer, seq_len=seq_len, image_tokens=image_tokens, max_images=max_images,
-        batch_size=batch_size, read_options=read_options, worker_count=worker_count,
+        batch_size=batch_size, rows=rows, read_options=read_options, worker_count=worker_count,
         packing=packing, max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records)

@@ -49,6 +49,15 @@ def skip_counts(state: Any) -> tuple[int, int]:
     return read, skipped
 
 
+def has_skip_counts(state: Any) -> bool:
+    """Whether an iterator state holds skip counters (a pipeline with DropSkipped in it)."""
+    if isinstance(state, Mapping):
+        return STATE_KEY in state or any(has_skip_counts(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return any(has_skip_counts(v) for v in state)
+    return False
+
+
 def budget_message(read: int, skipped: int, max_fraction: float) -> str:
     return (f"the input skipped {100 * skipped / read:.2f} % of the records read ({skipped} of "
             f"{read}), over the budget data.max_skip_fraction={max_fraction:g}; the ids and "

@@ -1,7 +1,7 @@
 """Keeps a test session on xdist workers finishing whatever a test does: a crashed or hung test
-reruns on a fresh worker with its stack in the report, the processes it started die with it, and
-a session that hears nothing from its workers for too long says what was running and restarts
-them (and ends, if that happens again)."""
+fails with its stack in the report, the processes it started die with it, and a session that
+hears nothing from its workers for too long says what was running and restarts them (and ends,
+if that happens again). Nothing reruns: a crash is a failure to find."""
 
 import faulthandler
 import os
@@ -14,21 +14,16 @@ from typing import Any
 
 import pytest
 
-# A test that runs longer is ended with every thread's stack (the slowest test takes ~30 s warm
-# and ~90 s with a cold compile cache on 2 cores). Each hang costs this much, and a test may
-# hang on each of its reruns, so it is kept well under CI's 90 minutes.
+# A test that runs longer fails, with every thread's stack (the slowest test takes ~90 s on 2
+# cores, compiling everything it runs). Each hang costs this much of CI's 90 minutes.
 TEST_TIMEOUT_S = float(os.environ.get("LVLM_JAX_TEST_TIMEOUT_S", "420"))
 # No event (test start, report, worker up or down) from any worker for this long: stuck.
 STALL_S = float(os.environ.get("LVLM_JAX_TEST_STALL_S", str(TEST_TIMEOUT_S + 180)))
-# The XLA:CPU deadlock (conftest.py) hit paligemma-tiny's train step in ~5 of 11 tries in one
-# day's suites, once twice in a row: with 6 reruns, 7 deadlocks in a row (~0.4%) fail it.
-MAX_RERUNS = 6
 _FAULT_DIR = "LVLM_JAX_TEST_FAULT_DIR"
 # "<controller pid>" in a worker's environment, "<controller pid>/<worker id>" in everything a
 # test starts (inherited), so that a dead worker's processes can be found and ended.
 _OWNER = "LVLM_JAX_TEST_OWNER"
 
-_crashes: dict[str, int] = {}
 _fault_log = pytest.StashKey[object]()
 
 
@@ -69,11 +64,6 @@ def _say(line: str) -> None:
     print(f"\n[session guard, {elapsed:.0f} s] {line}", file=sys.__stderr__, flush=True)
 
 
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    if getattr(config.option, "maxworkerrestart", "") is None:
-        config.option.maxworkerrestart = "24"  # each rerun needs a fresh worker; xdist: 8
-
-
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler set-up, which it replaces
 def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -106,6 +96,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     # faulthandler's own thread: it ends the worker even if a native call holds the GIL.
     log = item.config.stash.get(_fault_log, None)
+    if log is not None and item.nodeid in _crashed():
+        # xdist hands a crashed worker's files to the live workers, the crashed test with them;
+        # it has failed already, and running it again would be a rerun.
+        item.runtest = lambda: pytest.skip("crashed its worker before (reported as failed there)")
     if log is not None:
         faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True, file=log)
     try:
@@ -127,7 +121,7 @@ def pytest_runtest_logstart(nodeid: str, location: object) -> None:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _heard()
-    if report.when == "teardown" or report.outcome == "rerun":
+    if report.when == "teardown":
         _Session.running.pop(report.nodeid, None)
 
 
@@ -137,12 +131,32 @@ def pytest_testnodeready(node: object) -> None:
 
 def pytest_testnodedown(node: object, error: object) -> None:
     _heard()
+    if error is None:
+        return
+    # Before xdist re-queues the dead worker's tests (and hands them to a live worker): the
+    # test it was running, the first one not completed, must not run again.
+    sched = getattr(_Session.config.pluginmanager.get_plugin("dsession"), "sched", None)
+    for unit in (getattr(sched, "assigned_work", None) or {}).get(node, {}).values():
+        running = next((nodeid for nodeid, done in unit.items() if not done), None)
+        if running is not None:
+            with open(os.path.join(os.environ[_FAULT_DIR], "crashed"), "a") as f:
+                f.write(running + "\n")
+            return
+
+
+def _crashed() -> set[str]:
+    """Tests that crashed a worker in this session (their nodeids)."""
+    try:
+        with open(os.path.join(os.environ[_FAULT_DIR], "crashed")) as f:
+            return set(f.read().split("\n")) - {""}
+    except OSError:
+        return set()
 
 
 def _watch(config: pytest.Config) -> None:
     """Controller thread: after STALL_S without a word from any worker, report what ran and
-    the scheduler's queue, end every worker (xdist replaces them and reruns what they held);
-    if it happens again, end the session rather than wait for CI's limit."""
+    the scheduler's queue, end every worker (their running tests fail, xdist replaces them for
+    the rest); if it happens again, end the session rather than wait for CI's limit."""
     stalls = 0
     while True:
         time.sleep(min(10.0, STALL_S / 4))
@@ -172,7 +186,7 @@ def _watch(config: pytest.Config) -> None:
         _heard()
 
 
-# --- a crashed (or timed-out) worker: its processes end, the test reruns ---------------------
+# --- a crashed (or timed-out) worker: its processes end, the test fails ---------------------
 def _crash_dump(worker: str) -> str:
     """The fatal error (or timeout) line and the test's stack from a worker's faulthandler file:
     the crashing thread's, else the thread that runs the test."""
@@ -199,20 +213,11 @@ def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: obj
     orphans = end_processes(f"{os.environ.get(_OWNER, '')}/{worker_id}") if worker_id else []
     dump = _crash_dump(worker_id)
     report.longrepr = f"{report.longrepr}\n{dump}"
-    _crashes[crashitem] = _crashes.get(crashitem, 0) + 1
-    done = _crashes[crashitem] > MAX_RERUNS  # a failure; loadfile would rerun it until xdist quits
     cause = next(iter(dump.splitlines()), "")
     _say(f"{crashitem} ended worker {worker_id} ({cause}); ended {len(orphans)} processes it "
-         f"started; " + ("failed" if done else f"rerun {_crashes[crashitem]} of {MAX_RERUNS}"))
+         "started; failed")
     _Session.running.pop(crashitem, None)
-    _tidy_queue(sched, crashitem if done else None)
-    if done:
-        return
-    try:
-        sched.mark_test_pending(crashitem)  # type: ignore[attr-defined]
-    except NotImplementedError:
-        pass  # loadfile/loadscope re-queued the crashed file's unfinished tests, this one included
-    report.outcome = "rerun"  # type: ignore[assignment]
+    _tidy_queue(sched, crashitem)
 
 
 def _tidy_queue(sched: object, finished: str | None) -> None:
@@ -225,15 +230,3 @@ def _tidy_queue(sched: object, finished: str | None) -> None:
             unit[finished] = True
         if all(unit.values()):
             del queue[scope]
-
-
-def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
-    if report.outcome == "rerun":
-        return "rerun", "R", "RERUN"
-    return None
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for report in terminalreporter.stats.get("rerun", []):
-        terminalreporter.write_sep("=", f"worker crash, test rerun: {report.nodeid}")
-        terminalreporter.write_line(str(report.longrepr))

@@ -99,18 +99,7 @@ def test_preempted_run_resumes_with_the_uninterrupted_batches(tmp_path, monkeypa
         "model.language.vocab_size": 384, "model.image_token_id": -1, "data.kind": "caption",
         "data.num_examples": 24, "data.worker_count": 2, "data.packing": "first_fit",
         "data.seq_len": 48, "data.max_images": 2, "train.log_every": 1})
-    # The second run compiles what the first did: the persistent cache saves it the time.
-    cache = {"jax_compilation_cache_dir": str(tmp_path / "jit"),
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in cache}
-    for name, value in cache.items():
-        jax.config.update(name, value)
-    try:
-        _check_preempted_run_resumes(cfg, tmp_path, monkeypatch)
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
+    _check_preempted_run_resumes(cfg, tmp_path, monkeypatch)
 
 
 def _check_preempted_run_resumes(cfg, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The orbax CheckpointManager of a run: train state (params, optimizer state, step, RNG) plus
-the grain iterator state (one JSON per process), async saves every N steps, the last K kept,
+the grain iterator state (one JSON per process, merged on restore onto any number of
+processes), async saves every N steps, the last K kept,
 and restore onto whatever mesh the resuming run has.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
@@ -121,21 +122,29 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError("no checkpoint to restore")
+        from data_pipelines.lanes import merge_lane_states
+
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         data_dir = os.path.join(str(self.manager.directory), str(step), "data")
         mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        lanes = None
         if data_iterator is not None and os.path.isdir(data_dir):
-            if os.path.exists(os.path.join(data_dir, mine)):
+            # The loader's state is one state per row of the global batch (data_pipelines/
+            # lanes.py), the same in any process: every process takes its rows from the merged
+            # files, whatever number of processes wrote them.
+            lanes = merge_lane_states(data_dir)
+            if lanes is None and os.path.exists(os.path.join(data_dir, mine)):
                 import grain
 
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            else:
-                # Saved by a different number of processes: the model state reshards, but
-                # each process's position in its own shard of the data does not carry over.
+            elif lanes is None:
+                # Worker processes' states are per worker and per process: they do not move.
                 logging.warning("the data-iterator state of step %d was saved by another "
-                                "number of processes (no %s); the input restarts from the "
-                                "beginning of its order", step, mine)
+                                "number of processes (no %s) with data.worker_count > 0; the "
+                                "input restarts from the beginning of its order", step, mine)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if lanes is not None:
+            data_iterator.set_state(lanes)
         return restored["state"], step
 
     def saved_items(self, step: int) -> list[str]:

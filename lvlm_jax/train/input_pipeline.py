@@ -14,7 +14,7 @@ import numpy as np
 from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.mixture import make_mixture_dataset, open_mixture, parse_mixture
-from data_pipelines.skips import skip_counts
+from data_pipelines.skips import has_skip_counts, skip_counts
 from data_pipelines.tokenizer import Tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
 
@@ -124,18 +124,18 @@ def text_image_tokens(model_cfg: VLMConfig) -> int:
 
 def make_input(cfg: Any, workdir: str | None = None
                ) -> tuple[Iterator[dict], VLMConfig, int]:
-    """(iterator of this process's batches, resolved model config, dataset size)."""
+    """(iterator of this process's rows of every global batch, resolved model config, dataset
+    size)."""
     del workdir
     d = cfg.data
     tokenizer = load_tokenizer(d)
     model_cfg = resolve_model_config(cfg, tokenizer)
-    n_proc = jax.process_count()
     common = dict(
         tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
         image_size=image_size(cfg, model_cfg), image_tokens=text_image_tokens(model_cfg),
         image_mode=d.get("image_mode", "pad"),
-        max_images=d.max_images, batch_size=d.batch_size // n_proc, seed=cfg.seed,
-        shuffle=d.shuffle, shard_index=jax.process_index(), shard_count=n_proc,
+        max_images=d.max_images, batch_size=d.batch_size, seed=cfg.seed,
+        shuffle=d.shuffle, rows=process_rows(cfg),
         worker_count=d.worker_count, packing=d.packing, max_skip_fraction=d.max_skip_fraction,
         min_skip_records=d.skip_budget_after)
     check_packing(cfg, model_cfg)
@@ -145,6 +145,15 @@ def make_input(cfg: Any, workdir: str | None = None
     source = make_source(cfg, model_cfg)
     dataset = make_dataset(source, kind=d.kind, **common)
     return iter(dataset), model_cfg, len(source)
+
+
+def process_rows(cfg: Any) -> list[int]:
+    """The rows of every global batch that this process's devices hold on the run's mesh."""
+    from data_pipelines.lanes import local_rows
+    from lvlm_jax import sharding
+
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())  # loop.plan checks the batch splits on it
+    return local_rows(sharding.batch_sharding(mesh, 1), cfg.data.batch_size)
 
 
 def check_packing(cfg: Any, model_cfg: VLMConfig) -> None:
@@ -170,12 +179,13 @@ def data_metrics(batches: Any) -> dict[str, float]:
     state = get_state()
     if not isinstance(state, dict):
         return {}
+    if not has_skip_counts(state):
+        return {}
     read, skipped = skip_counts(state)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         read, skipped = (int(x) for x in np.sum(multihost_utils.process_allgather(
             np.array([read, skipped], np.int64)), axis=0))
-    if not read:
-        return {}
-    return {"data/skipped": skipped, "data/skipped_fraction": skipped / read}
+    # A packing lane's state is its parent's at the last rows it emitted: it may have read none.
+    return {"data/skipped": skipped, "data/skipped_fraction": skipped / read if read else 0.0}
