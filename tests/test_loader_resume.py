@@ -9,7 +9,6 @@ import os
 import signal
 
 import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
