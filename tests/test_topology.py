@@ -60,3 +60,4 @@ def test_losses_are_the_same_on_every_topology(one_by_eight, tmp_path, processes
     assert sorted(losses) == sorted(one_by_eight) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                                [one_by_eight[s] for s in sorted(one_by_eight)], rtol=1e-5)
+

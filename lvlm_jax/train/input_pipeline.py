@@ -152,6 +152,8 @@ def process_rows(cfg: Any) -> list[int]:
     from data_pipelines.lanes import local_rows
     from lvlm_jax import sharding
 
+    if jax.process_count() == 1:  # every row; the mesh (and its batch split) is loop.plan's
+        return list(range(cfg.data.batch_size))
     mesh = sharding.make_mesh(cfg.mesh.to_dict())  # loop.plan checks the batch splits on it
     return local_rows(sharding.batch_sharding(mesh, 1), cfg.data.batch_size)
 
