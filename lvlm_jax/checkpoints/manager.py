@@ -160,8 +160,19 @@ class Checkpointer:
         self.manager.close()
 
 
+def _host_target(state_dir: str) -> Any:
+    """The saved state's shapes and dtypes on this host's CPU device: the shardings it was saved
+    with name devices of the topology that wrote it, which need not exist here."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)
+        if hasattr(m, "shape") and hasattr(m, "dtype") else m, tree)
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
-    """The params of another run's checkpoint (numpy, on the host), for stage chaining."""
+    """The params of another run's checkpoint (numpy, on the host), for stage chaining and
+    export; the run may have been on any number of processes and devices."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} holds no checkpoints (no {directory})")
@@ -169,8 +180,9 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        target = _host_target(os.path.join(directory, str(step), "state"))
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
+            state=ocp.args.StandardRestore(target)))
     state = restored["state"]
     params = state["params"] if isinstance(state, dict) else state.params
     return jax.tree.map(lambda x: jax.device_get(x), params), step
