@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lvlm_jax import compile_cache
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # logical name -> candidate mesh axes (each candidate a mesh axis or a tuple of them), in order.
@@ -78,6 +80,7 @@ def make_mesh(mesh_cfg: Mapping[str, Any] | None = None,
     """
     mesh_cfg = dict(mesh_cfg or {})
     devices = list(devices if devices is not None else jax.devices())
+    compile_cache.guard(devices)  # programs over this mesh must not be loaded from the cache
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     ici, dcn = resolve_mesh_shape(mesh_cfg.get("ici", {"fsdp": -1}), mesh_cfg.get("dcn"),
                                   len(devices), num_slices)
