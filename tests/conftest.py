@@ -31,3 +31,24 @@ from session_guard import (  # noqa: E402, F401
     pytest_testnodeready,
     pytest_unconfigure,
 )
+
+# The slowest files first (each starts processes that compile their own programs), so that on 2
+# workers they overlap with the many short files instead of running alone at the end: xdist's
+# default order (most tests first) left tests/test_topology.py's ~6 minutes as the suite's tail.
+SLOW_FILES_FIRST = ("test_topology.py", "test_demo.py", "test_multiprocess.py", "test_sweeps.py",
+                    "test_preference_stages.py", "test_checkpoints.py", "test_session_guard.py",
+                    "test_loader_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the files' own order otherwise
+
+
+def pytest_sessionstart(session):
+    # The controller's scheduler keeps the workers' collection order (its default: the files
+    # with the most tests first).
+    session.config.option.loadscopereorder = False
