@@ -35,9 +35,10 @@ class _Session:
 
 
 def end_processes(owner: str, *, with_descendants: bool = False,
-                  sig: int = signal.SIGKILL) -> list[int]:
+                  sig: int = signal.SIGKILL, only: set[int] | None = None) -> list[int]:
     """Sends `sig` to every other process whose environment has _OWNER == owner (with_descendants:
-    or starting with owner + '/'). Returns their pids."""
+    or starting with owner + '/'), of the pids in `only` if given (sig 0: none, just lists them).
+    Returns their pids."""
     tag, me, killed = f"{_OWNER}=".encode(), os.getpid(), []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
@@ -48,6 +49,8 @@ def end_processes(owner: str, *, with_descendants: bool = False,
         except OSError:  # gone, or not ours to read
             continue
         value = next((e[len(tag):].decode() for e in env if e.startswith(tag)), None)
+        if only is not None and int(name) not in only:
+            continue
         if value is not None and (value == owner or (
                 with_descendants and value.startswith(owner + "/"))):
             try:
@@ -179,10 +182,13 @@ def _watch(config: pytest.Config) -> None:
         # SIGABRT first: each worker's faulthandler writes every thread's stack to its file,
         # which the crash report then shows; xdist replaces the workers.
         owner = os.environ[_OWNER]
+        # Those that run now; the workers xdist starts to replace them, and what those start,
+        # must not be ended with them.
+        doomed = set(end_processes(owner, with_descendants=True, sig=0))
         workers = end_processes(owner, sig=signal.SIGABRT)
         _say(f"aborted the workers (pids {workers}) to restart them")
         time.sleep(5)
-        end_processes(owner, with_descendants=True)  # what they started, and any that hung on
+        end_processes(owner, with_descendants=True, only=doomed)  # their children, and stragglers
         _heard()
 
 
