@@ -2,14 +2,13 @@
 
 import os
 
+from xla_env import xla_flags
+
 # No persistent compilation cache: on XLA:CPU (jax 0.10.2) an 8-device train step that was
 # loaded from it deadlocked in 10 of 18 runs of 200 steps, and the same step compiled in the
 # process in none of ~15,000 steps (docs/xla_cpu_collective_deadlock.md has the repro, the
-# stacks and the figures). So every process compiles what it runs. A collective that still
-# waited would end its process after 120 s (XLA's default: 30 minutes), not hold the suite.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_timeout_seconds=120").strip()
+# stacks and the figures). So every process compiles what it runs, quickly: tests/xla_env.py.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(devices=8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)

@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+from xla_env import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=1)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

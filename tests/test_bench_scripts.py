@@ -7,15 +7,17 @@ import sys
 
 import numpy as np
 import pytest
+from xla_env import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _clean_env() -> dict[str, str]:
-    """The environment without conftest's fake devices: a benchmark sees the real CPU."""
+    """The environment without conftest's fake devices and test compile flags: a benchmark
+    sees the real CPU and compiles as a user's run does."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+             if not f.startswith("--xla_force_host_platform_device_count") and f != FAST_COMPILE]
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     return env

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from training_utils import random_batches, tiny_config
+from xla_env import cpu_env
 
 from lvlm_jax.checkpoints.manager import Checkpointer, restore_params
 from lvlm_jax.checkpoints.partial import merge_params
@@ -24,7 +25,7 @@ TRAIN = ["train", "--config=experiments/demo.py:sft", "--config.train.total_step
 
 
 def start(workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env()
     return subprocess.Popen([sys.executable, "-m", "lvlm_jax", *TRAIN, f"--workdir={workdir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -157,7 +158,7 @@ def test_resuming_with_another_model_config_fails_and_keeps_the_workdir(tmp_path
     proc = start(workdir)
     assert proc.wait(timeout=600) == 0
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env()
     out = subprocess.run([sys.executable, "-m", "lvlm_jax", *TRAIN, f"--workdir={workdir}",
                           "--config.model.language.num_layers=2"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)

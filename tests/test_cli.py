@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+from xla_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lvlm(*args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env()
     return subprocess.run([sys.executable, "-m", "lvlm_jax", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 from PIL import Image
+from xla_env import cpu_env
 
 from data_pipelines.arrayrecord_source import (
     ArrayRecordSource,
@@ -253,7 +254,7 @@ def test_bad_arguments_and_empty_paths_fail_with_clear_messages(data, tmp_path, 
 
 
 def _lvlm(*args, cache=None, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env()
     if cache:
         env["LVLM_CACHE"] = str(cache)
     return subprocess.run([sys.executable, "-m", "lvlm_jax", *args], cwd=ROOT, env=env,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import cpu_env
 
 from lvlm_jax import cli
 from lvlm_jax import config as config_lib
@@ -349,7 +350,7 @@ def test_lvlm_eval_reproduces_the_training_time_results_and_prints_them(trained)
         trained_summary = json.load(f)
     os.remove(os.path.join(workdir, "eval", "step_3", "summary.json"))
     # A fresh process on one device: the checkpoint was saved from a mesh of 8.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = cpu_env()
     out = subprocess.run([sys.executable, "-m", "lvlm_jax", "eval", f"--config={DEMO}:sft",
                           f"--workdir={workdir}",
                           *[f"--config.{k}={v}" for k, v in overrides.items()]],

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A two-step model mostly says EOS when greedy; sampling (seeded) makes it print text.
@@ -17,7 +18,7 @@ FLAGS = [f"--{k}={v}" for k, v in SAMPLING.items()]
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    return cpu_env()
 
 
 def lvlm(*args: str, stdin: str | None = None, timeout: int = 300):
@@ -109,7 +110,8 @@ def test_bad_input_fails_with_one_line_and_exit_2(run, case):
 def test_generate_bench_runs_quick():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    env = _env()  # the real CPU, without conftest's fake devices
+    # The real CPU, as a user's run compiles for it: no fake devices, no test compile flags.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "generate.py"), "--quick",
                            "--no_unscanned"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from xla_env import cpu_env  # noqa: E402
+
 import lvlm_jax  # noqa: E402
 from lvlm_jax.checkpoints.hf import config_from_hf, export_hf, import_hf  # noqa: E402
 from lvlm_jax.models.language import Decoder, language_config  # noqa: E402
@@ -332,7 +334,7 @@ def test_lvlm_import_cli_writes_a_checkpoint_with_the_same_logits(saved, handles
 
     path, model = saved["llava_clip_llama"]
     out = tmp_path / "imported"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cpu_env()
     run = subprocess.run([sys.executable, "-m", "lvlm_jax", "import", f"--hf={path}",
                           f"--out={out}"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_env import cpu_env
 
 from lvlm_jax import summarize, sweep, sweep_helpers
 
@@ -30,7 +31,7 @@ NAMES = [f"learning_rate={lr},weight_decay={wd}" for lr, wd in POINTS]
 
 
 def _env(**extra):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+    return cpu_env(**extra)
 
 
 def lvlm(*args, timeout=900):

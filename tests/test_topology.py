@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from test_multiprocess import free_port
+from xla_env import cpu_env
 
 from lvlm_jax.checkpoints.manager import restore_params
 
@@ -38,10 +39,8 @@ OVERRIDES = [
 
 def _launch(workdir: str, processes: int, devices: int) -> list[subprocess.Popen]:
     """The processes of one `lvlm train` run on `processes` x `devices` CPU devices."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               LVLM_CACHE=os.path.join(os.path.dirname(workdir), "cache"))
+    env = cpu_env(devices, PYTHONPATH=ROOT,
+                  LVLM_CACHE=os.path.join(os.path.dirname(workdir), "cache"))
     cmd = [sys.executable, "-m", "lvlm_jax", "train",
            f"--config={ROOT}/experiments/demo.py:sft", f"--workdir={workdir}", *OVERRIDES]
     if processes > 1:
