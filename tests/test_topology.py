@@ -26,8 +26,8 @@ from lvlm_jax.checkpoints.manager import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = int(os.environ.get("LVLM_TOPOLOGY_STEPS", "8"))
-EVERY = 2  # checkpoint every EVERY steps
-KILL_AT = int(os.environ.get("LVLM_TOPOLOGY_KILL_AT", "2"))  # the killed run's last checkpoint
+KILL_AT = int(os.environ.get("LVLM_TOPOLOGY_KILL_AT", "4"))  # the killed run's last checkpoint
+EVERY = KILL_AT  # checkpoint every EVERY steps: at the kill and at the end, no more
 OVERRIDES = [
     f"--config.train.total_steps={STEPS}", "--config.train.log_every=1",
     "--config.train.progress=False", f"--config.checkpoint.every_steps={EVERY}",
