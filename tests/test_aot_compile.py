@@ -4,6 +4,7 @@ topology names, and a one-line error for an unknown topology before anything com
 import os
 
 import pytest
+from xla_env import without_cpu_only
 
 pytest.importorskip("libtpu", reason="AOT compiles for TPU need the `tpu` extra (libtpu)")
 
@@ -13,6 +14,15 @@ from lvlm_jax.train import loop  # noqa: E402
 
 LLAVA15 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "experiments", "llava15.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flags_libtpu_knows():
+    """libtpu parses XLA_FLAGS at its first compile and aborts on a flag it does not know."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = without_cpu_only(flags)
+    yield
+    os.environ["XLA_FLAGS"] = flags
 
 
 def tiny(**overrides):

@@ -13,6 +13,9 @@ import os
 # with the same flags, so "equal to" comparisons between an in-process run and a CLI one
 # compare like with like. Benchmarks (bench/) never use these.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# The TPU compiler in libtpu (AOT compiles on this host) reads XLA_FLAGS too, and dies on a
+# flag its XLA does not know: this one.
+CPU_ONLY = ("--xla_cpu_use_fusion_emitters=false",)
 # A collective that still waited would end its process after 120 s (XLA's default: 30 minutes)
 # with the stack of the wait, instead of holding the suite.
 COLLECTIVE_TIMEOUT = "--xla_cpu_collective_timeout_seconds=120"
@@ -30,3 +33,8 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
     """This process's environment for a subprocess on the CPU: `xla_flags(devices)`, quiet logs."""
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices),
                 TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+def without_cpu_only(flags: str) -> str:
+    """`flags` less those that libtpu's XLA does not know."""
+    return " ".join(f for f in flags.split() if f not in CPU_ONLY)
