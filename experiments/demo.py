@@ -1,8 +1,9 @@
 """The tiny LVLM of `lvlm demo`, trained on the built-in synthetic shapes set on CPU.
 
-`lvlm demo --workdir=DIR` runs pretrain -> sft -> dpo -> ppo in one process (each stage starts
-from the previous one's params) with held-out evaluations between them, and prints the results
-table (see README.md for the numbers). The same chain, one stage at a time:
+`lvlm demo --workdir=DIR` runs pretrain -> sft -> dpo -> ppo, and grpo from the dpo params, in
+one process (each stage starts from the previous one's params) with held-out evaluations between
+them, and prints the results table (see README.md for the numbers over 3 seeds). The same chain,
+one stage at a time:
 
     lvlm train --config=experiments/demo.py:pretrain --workdir=/tmp/demo/pretrain
     lvlm train --config=experiments/demo.py:sft --workdir=/tmp/demo/sft \
@@ -11,12 +12,12 @@ table (see README.md for the numbers). The same chain, one stage at a time:
         --config.checkpoint.init_from=/tmp/demo/sft
     lvlm train --config=experiments/demo.py:ppo --workdir=/tmp/demo/ppo \
         --config.checkpoint.init_from=/tmp/demo/dpo
+    lvlm train --config=experiments/demo.py:grpo --workdir=/tmp/demo/grpo \
+        --config.checkpoint.init_from=/tmp/demo/dpo
 
-and the other preference / RL stages on the same data:
+and the reward model on the same data:
 
     lvlm train --config=experiments/demo.py:reward --workdir=/tmp/demo/reward \
-        --config.checkpoint.init_from=/tmp/demo/sft
-    lvlm train --config=experiments/demo.py:grpo --workdir=/tmp/demo/grpo \
         --config.checkpoint.init_from=/tmp/demo/sft
 """
 

@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="pretrain -> sft -> dpo -> ppo of a tiny LVLM on built-in "
                        "data, on CPU")
     d.add_argument("--workdir", required=True)
+    d.add_argument("--seeds", type=int, default=1,
+                   help="run the demo for seeds 0..N-1, each in WORKDIR/seed_K/, and print each "
+                        "figure's median and min-max (default 1: one run in WORKDIR)")
     t = sub.add_parser("train", help="train the stage named by config.stage")
     _add_config(t)
     t.add_argument("--workdir", required=True)
@@ -182,9 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
-            from lvlm_jax.demo import run_demo
+            from lvlm_jax.demo import run_demo, run_demo_seeds
 
-            run_demo(args.workdir, overrides)
+            if args.seeds == 1:
+                run_demo(args.workdir, overrides)
+            else:
+                run_demo_seeds(args.workdir, args.seeds, overrides)
             return 0
         if args.command == "export":
             from lvlm_jax.checkpoints.export import export_checkpoint

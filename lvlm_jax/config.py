@@ -127,11 +127,12 @@ def base_config() -> ConfigDict:
     # records before every step. reward: "rule" (1 if the normalised response equals the
     # reference, else 0), "model" (a `reward` stage run at reward_model=WORKDIR) or "both"
     # (their sum); kl_coef weighs the KL to the frozen reference; epochs: optimizer steps on
-    # each rollout batch before sampling again.
+    # each rollout batch before sampling again; value_grad_to_trunk: whether PPO's value loss
+    # trains the shared trunk too (False: the value head only).
     c.ppo = ConfigDict({"max_new_tokens": 16, "temperature": 1.0, "kl_coef": 0.05,
                         "clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "gamma": 1.0,
                         "lam": 0.95, "whiten_advantages": True, "reward": "rule",
-                        "reward_model": "", "epochs": 1})
+                        "reward_model": "", "epochs": 1, "value_grad_to_trunk": False})
     # GRPO: group_size samples per prompt, advantages normalised within the group, no value
     # head; kl_coef (the paper's beta) weighs the k3 KL estimate in the loss.
     c.grpo = ConfigDict({"max_new_tokens": 16, "temperature": 1.0, "kl_coef": 0.04,

@@ -1,8 +1,9 @@
 """`lvlm demo`: a tiny LVLM trained end to end on the built-in synthetic set, on CPU.
 
 pretrain (captions) -> sft (questions and descriptions) -> dpo (faithful vs hallucinated
-descriptions) -> a short ppo (exact-match reward on questions), with held-out evaluations between
-the stages; prints one results table and writes DIR/summary.json.
+descriptions) -> ppo, and grpo from the same dpo params (exact-match reward on questions), with
+held-out evaluations between the stages; prints one results table and writes DIR/summary.json,
+DIR/loss_curves.png and DIR/examples.png. `--seeds=N` runs it N times in DIR/seed_K/.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ import jax
 from data_pipelines.loader import SyntheticSource, make_dataset
 from data_pipelines.synthetic import SyntheticShapes
 from lvlm_jax import config as config_lib
+from lvlm_jax import demo_plots, demo_report
 from lvlm_jax.evals.evaluators import chair_eval, pope_eval
-from lvlm_jax.evals.runners import eval_loss, vqa_exact_match
+from lvlm_jax.evals.runners import eval_loss, sampled_reward, vqa_exact_match
 from lvlm_jax.train import input_pipeline, loop
 from lvlm_jax.train.stages import LossContext, get_stage
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments", "demo.py")
-STAGES = ("pretrain", "sft", "dpo", "ppo")
-# Held-out examples per evaluation (the eval split: scenes never seen in training).
-EVAL_EXAMPLES = {"caption": 256, "vqa": 320, "pope": 300, "chair": 128}
+STAGES = ("pretrain", "sft", "dpo", "ppo", "grpo")
+TITLES = {"pretrain": "image-text alignment on captions", "sft": "visual instruction tuning",
+          "dpo": "preference tuning on descriptions", "ppo": "RL with an exact-match reward",
+          "grpo": "RL with group-normalised rewards, from the dpo params"}
+# Held-out examples per evaluation (the eval split: scenes never seen in training). "rl": the
+# RL stages' fixed prompt set, each prompt answered RL_SAMPLES times.
+EVAL_EXAMPLES = {"caption": 256, "vqa": 320, "pope": 300, "chair": 128, "rl": 128}
+RL_SAMPLES = 4
+RL_PROMPTS_FROM = 100_000  # eval-split indices of the RL prompts, apart from the VQA set's
+EXAMPLES_SHOWN = 8
 Overrides = Sequence[tuple[str, str]]
 
 
@@ -48,16 +57,39 @@ def held_out_caption_loss(cfg, setup, tokenizer, n: int = 256) -> float:
     return eval_loss(ctx, get_stage("pretrain"), jax.device_get(setup.state.params), batches)
 
 
-def held_out_vqa(cfg, model, params, tokenizer, n: int = 320) -> tuple[float, list[dict]]:
+def eval_records(cfg, model, n: int, start: int = 0) -> list[dict]:
+    """Held-out VQA records `start`..`start + n` of the eval split (scenes never trained on)."""
     size = input_pipeline.image_size(cfg, model.cfg)
     shapes = SyntheticShapes(seed=cfg.seed, image_size=size, split="eval")
-    records = [shapes.vqa(i) for i in range(n)]
+    return [shapes.vqa(i) for i in range(start, start + n)]
+
+
+def _image_kw(cfg, model) -> dict[str, Any]:
+    return {"image_size": input_pipeline.image_size(cfg, model.cfg),
+            "image_mean": cfg.data.image_mean, "image_std": cfg.data.image_std}
+
+
+def held_out_vqa(cfg, model, params, tokenizer, n: int = 320, records: Sequence[dict] = ()
+                 ) -> tuple[float, list[dict]]:
+    records = list(records) or eval_records(cfg, model, n)
     accuracy, results = vqa_exact_match(model, params, tokenizer, cfg.data.template, records,
-                                        image_size=size, image_mean=cfg.data.image_mean,
-                                        image_std=cfg.data.image_std)
+                                        **_image_kw(cfg, model))
     for record, result in zip(records, results, strict=True):
         result["kind"] = record["kind"]
     return accuracy, results
+
+
+def held_out_rl(cfg, model, params, tokenizer, records: Sequence[dict]) -> dict[str, float]:
+    """The RL stages' figures on a fixed prompt set: the mean rule reward of RL_SAMPLES answers
+    sampled per prompt as the stage samples them (its temperature, its max_new_tokens), the
+    same random numbers for every params; and the greedy answers' exact match."""
+    section = cfg.get(cfg.stage) if cfg.stage in ("ppo", "grpo") else cfg.ppo
+    kw = {**_image_kw(cfg, model), "max_new_tokens": int(section.max_new_tokens)}
+    reward = sampled_reward(model, params, tokenizer, cfg.data.template, records,
+                            samples=RL_SAMPLES, temperature=float(section.temperature),
+                            seed=cfg.seed, **kw)
+    accuracy, _ = vqa_exact_match(model, params, tokenizer, cfg.data.template, records, **kw)
+    return {"reward": reward, "accuracy": accuracy}
 
 
 def _by_kind(results: Sequence[dict]) -> dict[str, float]:
@@ -86,16 +118,17 @@ def _mean(history: Sequence[dict], key: str, part: slice) -> float | None:
 def run_demo(workdir: str, overrides: Overrides = (), log: Callable[[str], Any] = print,
              stage_overrides: Mapping[str, Overrides] | None = None,
              eval_examples: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Runs the four stages in `workdir`; `overrides` apply to every stage's config and
+    """Runs the stages in `workdir`; `overrides` apply to every stage's config and
     `stage_overrides[stage]` to one stage's; `eval_examples` replaces EVAL_EXAMPLES' sizes."""
     t0 = time.perf_counter()
+    check_workdir(workdir, overrides)
     os.makedirs(workdir, exist_ok=True)
     stage_overrides = stage_overrides or {}
     n = {**EVAL_EXAMPLES, **(eval_examples or {})}
     summary: dict[str, Any] = {"stage_seconds": {}}
 
-    def stage(name: str, number: int, title: str, params: Any = None):
-        log(f"== stage {number}/{len(STAGES)}: {name} ({title})")
+    def stage(name: str, params: Any = None):
+        log(f"== stage {STAGES.index(name) + 1}/{len(STAGES)}: {name} ({TITLES[name]})")
         start = time.perf_counter()
         cfg = _config(name, [*overrides, *stage_overrides.get(name, ())])
         setup, history = loop.train(cfg, os.path.join(workdir, name), init_params=params)
@@ -103,13 +136,15 @@ def run_demo(workdir: str, overrides: Overrides = (), log: Callable[[str], Any] 
         summary[f"{name}_final_train_loss"] = history[-1]["loss"] if history else None
         return cfg, setup, history, jax.device_get(setup.state.params)
 
-    cfg, setup, _, params = stage("pretrain", 1, "image-text alignment on captions")
+    cfg, setup, _, params = stage("pretrain")
     tokenizer = input_pipeline.load_tokenizer(cfg.data)
     summary["caption_loss"] = held_out_caption_loss(cfg, setup, tokenizer, n["caption"])
 
-    cfg, setup, _, params = stage("sft", 2, "visual instruction tuning", params)
+    cfg, setup, _, params = stage("sft", params)
     model = setup.model
-    summary["vqa_accuracy"], results = held_out_vqa(cfg, model, params, tokenizer, n["vqa"])
+    vqa_records = eval_records(cfg, model, n["vqa"])
+    summary["vqa_accuracy"], results = held_out_vqa(cfg, model, params, tokenizer,
+                                                    records=vqa_records)
     summary["vqa_accuracy_by_kind"] = _by_kind(results)
     pope = pope_eval(model, params, tokenizer, cfg.data.template, num_examples=n["pope"],
                      **_runner_kw(cfg))
@@ -119,56 +154,91 @@ def run_demo(workdir: str, overrides: Overrides = (), log: Callable[[str], Any] 
     summary["hallucinated_descriptions_before"] = before["chair_s"]
     summary["object_recall_before"] = before["chair_recall"]
 
-    cfg, _, history, params = stage("dpo", 3, "preference tuning on descriptions", params)
+    cfg, _, history, dpo_params = stage("dpo", params)
     summary["dpo_reward_accuracy"] = _mean(history, "reward_accuracy", slice(-5, None))
-    after = _hallucination(cfg, model, params, tokenizer, n["chair"])
+    after = _hallucination(cfg, model, dpo_params, tokenizer, n["chair"])
     summary["hallucination_rate_after"] = after["chair_i"]
     summary["hallucinated_descriptions_after"] = after["chair_s"]
     summary["object_recall_after"] = after["chair_recall"]
+    summary["vqa_accuracy_after_dpo"], _ = held_out_vqa(cfg, model, dpo_params, tokenizer,
+                                                        records=vqa_records)
+    rl_records = eval_records(cfg, model, n["rl"], start=RL_PROMPTS_FROM)
+    rl = held_out_rl(_config("ppo", overrides), model, dpo_params, tokenizer, rl_records)
+    summary["rl_reward_before"], summary["rl_accuracy_before"] = rl["reward"], rl["accuracy"]
 
-    cfg, _, history, params = stage("ppo", 4, "RL with an exact-match reward", params)
-    summary["ppo_reward_first"] = _mean(history, "reward", slice(0, 3))
-    summary["ppo_reward_last"] = _mean(history, "reward", slice(-3, None))
-    summary["vqa_accuracy_after_ppo"], _ = held_out_vqa(cfg, model, params, tokenizer, n["vqa"])
+    # Both RL stages start from the dpo params and are measured on the same prompts.
+    for name, prefix in (("ppo", "rl"), ("grpo", "grpo")):
+        cfg, _, history, rl_params = stage(name, dpo_params)
+        summary[f"{name}_reward_first"] = _mean(history, "reward", slice(0, 3))
+        summary[f"{name}_reward_last"] = _mean(history, "reward", slice(-3, None))
+        rl = held_out_rl(cfg, model, rl_params, tokenizer, rl_records)
+        summary[f"{prefix}_reward_after"], summary[f"{prefix}_accuracy_after"] = (
+            rl["reward"], rl["accuracy"])
+        if name == "ppo":
+            summary["vqa_accuracy_after_ppo"], _ = held_out_vqa(cfg, model, rl_params,
+                                                                tokenizer, records=vqa_records)
 
     summary["wall_seconds"] = time.perf_counter() - t0
     with open(os.path.join(workdir, "vqa_results.jsonl"), "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
+    _figures(workdir, vqa_records, results)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    log(format_table(summary))
+    log(demo_report.format_table(summary))
     return summary
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def _figures(workdir: str, records: Sequence[dict], results: Sequence[dict]) -> None:
+    """loss_curves.png (every stage) and examples.png (held-out questions, sft's answers)."""
+    demo_plots.plot_loss_curves(workdir, STAGES, os.path.join(workdir, "loss_curves.png"))
+    shown = [{"image": rec["image"], "question": res["question"],
+              "answer": res["prediction"], "reference": res["answer"]}
+             for rec, res in list(zip(records, results, strict=True))[:EXAMPLES_SHOWN]]
+    demo_plots.plot_examples(shown, os.path.join(workdir, "examples.png"))
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    rows = [
-        ("held-out caption loss (after pretrain)", f"{summary['caption_loss']:.3f}"),
-        ("held-out VQA accuracy (after sft)", _pct(summary["vqa_accuracy"])),
-    ]
-    rows += [(f"  {k} questions", _pct(v)) for k, v in summary["vqa_accuracy_by_kind"].items()]
-    rows += [
-        ("POPE accuracy (after sft)", _pct(summary["pope_accuracy"])),
-        ("POPE F1", _pct(summary["pope_f1"])),
-        ("POPE yes-ratio", _pct(summary["pope_yes_ratio"])),
-        ("hallucination rate, CHAIR-i (after sft)", _pct(summary["hallucination_rate_before"])),
-        ("hallucination rate, CHAIR-i (after dpo)", _pct(summary["hallucination_rate_after"])),
-        ("descriptions with a hallucination (sft)",
-         _pct(summary["hallucinated_descriptions_before"])),
-        ("descriptions with a hallucination (dpo)",
-         _pct(summary["hallucinated_descriptions_after"])),
-        ("dpo reward accuracy (last steps)", _pct(summary["dpo_reward_accuracy"])),
-        ("ppo mean reward (first -> last steps)",
-         f"{_pct(summary['ppo_reward_first'])} -> {_pct(summary['ppo_reward_last'])}"),
-        ("held-out VQA accuracy (after ppo)", _pct(summary["vqa_accuracy_after_ppo"])),
-        ("wall time", f"{summary['wall_seconds']:.0f} s"),
-    ]
-    width = max(len(r[0]) for r in rows) + 2
-    value_width = max(10, *(len(r[1]) for r in rows))
-    lines = ["", "lvlm demo results", "-" * (width + value_width)]
-    lines += [f"{name:<{width}}{value:>{value_width}}" for name, value in rows]
-    return "\n".join(lines)
+def check_workdir(workdir: str, overrides: Overrides = ()) -> None:
+    """Fails with one line, before anything is written, when `workdir` is a file or holds a
+    run of another model (at its top or in a stage's folder)."""
+    from lvlm_jax.checkpoints.export import check_same_model
+
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory")
+    dirs = [d for d in (workdir, *(os.path.join(workdir, s) for s in STAGES))
+            if os.path.exists(os.path.join(d, "model_config.json"))]
+    if not dirs:
+        return
+    cfg = _config("sft", overrides)
+    model_cfg = input_pipeline.resolve_model_config(cfg, input_pipeline.load_tokenizer(cfg.data))
+    for d in dirs:
+        if d == workdir:
+            raise ValueError(f"--workdir={workdir} holds an `lvlm train` run; the demo writes "
+                             "one folder per stage: use a new or empty workdir")
+        check_same_model(d, model_cfg)
+
+
+def run_demo_seeds(workdir: str, seeds: int, overrides: Overrides = (),
+                   log: Callable[[str], Any] = print, **kw: Any) -> dict[str, Any]:
+    """The demo for seeds 0..seeds-1, each in WORKDIR/seed_K/; prints every figure of every
+    seed with its median and min-max and writes them to WORKDIR/summary.json."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory")
+    runs = [(k, os.path.join(workdir, f"seed_{k}"), [*overrides, ("seed", str(k))])
+            for k in range(seeds)]
+    for _, path, ov in runs:  # every seed's folder is checked before the first one trains
+        check_workdir(path, ov)
+    summaries = []
+    for k, path, ov in runs:
+        log(f"==== seed {k} ({k + 1} of {seeds}): {path}")
+        summaries.append(run_demo(path, ov, log=log, **kw))
+    env = demo_report.environment()
+    result = {"seeds": list(range(seeds)), "environment": env,
+              "figures": demo_report.aggregate(summaries),
+              "per_seed": {str(k): s for k, s in enumerate(summaries)}}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    log(demo_report.format_seeds_table(summaries, list(range(seeds)), env))
+    return result

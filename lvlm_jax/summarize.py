@@ -183,10 +183,23 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: s
                         for c in columns])
 
 
+def style_step_axes(ax: Any, title: str, ylabel: str) -> None:
+    """A metric-against-step panel: title, whole-number steps, a light grid, a legend when some
+    line has a label."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def plot_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str) -> None:
     """Training loss (and held-out loss, when logged) against step, one line per run."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, no display
-    from matplotlib.ticker import MaxNLocator
 
     has_eval = any(curve(records, "eval_loss")[0] for _, records in runs)
     panels = [("loss", "training loss", "loss")]
@@ -201,13 +214,7 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: s
                 ax.plot(steps, values, label=name, color=f"C{i % 10}",
                         marker="o" if metric == "eval_loss" or len(steps) < 20 else None,
                         markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        style_step_axes(ax, title, ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

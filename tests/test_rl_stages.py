@@ -12,15 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training_utils import tiny_config
+from training_utils import demo_tokenizer_file, tiny_config
 
-from data_pipelines.loader import SyntheticSource, demo_tokenizer, encode_prompt
+from data_pipelines.loader import SyntheticSource, encode_prompt
 from data_pipelines.synthetic import SyntheticShapes
 from data_pipelines.templates import render
 from lvlm_jax import sharding
 from lvlm_jax.evals.answers import exact_match
 from lvlm_jax.models import build_model, dummy_inputs, vlm_config
 from lvlm_jax.train import input_pipeline, loop, rl_math
+from lvlm_jax.train import rollout as rollout_lib
 from lvlm_jax.train.rollout import decode_responses, finish, rule_rewards
 from lvlm_jax.train.stages import LossContext, get_stage, ppo, reward
 from lvlm_jax.train.stages.base import extra_param_keys, normalize_pixels
@@ -102,9 +103,7 @@ def test_kl_penalty_is_on_every_token_and_the_score_on_the_last():
 # ---- prompts, log-probs and the rule reward ----------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    demo_tokenizer(path)
-    return str(path / "demo_tokenizer_v2.model")
+    return demo_tokenizer_file(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +194,14 @@ def assert_bitwise(a, b):
 @pytest.fixture(scope="module")
 def ppo_run(tokenizer_path, tmp_path_factory):
     cfg = rl_config("ppo", tokenizer_path, **{"ppo.epochs": 2})
-    setup, history = loop.train(cfg, str(tmp_path_factory.mktemp("ppo")), log=lambda m: None)
+    # A random policy never answers a question exactly: every reward would be 0, every
+    # advantage 0 and no step would change anything. A reward for responses whose first token
+    # is even gives these steps a signal.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rollout_lib, "rule_rewards",
+                      lambda tokens, *_: (np.asarray(tokens)[:, 0] % 2 == 0).astype(np.float32))
+        setup, history = loop.train(cfg, str(tmp_path_factory.mktemp("ppo")),
+                                    log=lambda m: None)
     return cfg, setup, history
 
 
@@ -236,6 +242,32 @@ def test_ppo_started_from_a_params_tree_without_a_value_head_gets_a_fresh_one(pp
     now = jax.device_get(again.state.params)
     assert_bitwise(now, start)  # the policy as given, the head as the seed initialises it
     assert_bitwise(jax.device_get(again.state.reference), start)
+
+
+@pytest.mark.parametrize("to_trunk", [False, True])
+def test_ppo_value_loss_trains_only_the_value_head_unless_asked(ppo_run, to_trunk):
+    # A fresh head values every state at 0; with zero advantages only the value loss is left,
+    # and by default its gradient stops at the head (the critic's error must not move the
+    # policy).
+    cfg, setup, _ = ppo_run
+    assert not np.any(start_params(setup)[ppo.HEAD]["kernel"])
+    cfg = copy.deepcopy(cfg)
+    cfg.ppo.value_grad_to_trunk = to_trunk
+    batches, _, _ = input_pipeline.make_input(cfg)
+    rollout = ppo.make_rollout(setup)
+    with loop.mesh_context(setup.mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)):
+        batch, _ = rollout(setup.state, next(batches))
+        batch = {**jax.device_get(batch), "advantages": np.zeros_like(batch["advantages"]),
+                 "returns": np.ones_like(batch["returns"]) * batch["response_mask"]}
+        ctx = dataclasses.replace(rollout.spec.ctx, config=cfg)
+        params = jax.device_get(setup.state.params)
+        # A head that has learned something: through a zero kernel no gradient reaches the trunk
+        params[ppo.HEAD]["kernel"] = np.full_like(params[ppo.HEAD]["kernel"], 0.1)
+        grads = jax.device_get(jax.jit(jax.grad(
+            lambda p: ppo.ppo_loss(ctx, p, batch, None)[0]))(params))
+    assert np.any(grads[ppo.HEAD]["kernel"]) and np.any(grads[ppo.HEAD]["bias"])
+    trunk = [np.any(g) for g in jax.tree.leaves(grads["decoder"])]
+    assert any(trunk) == to_trunk
 
 
 def test_ppo_rollout_rewards_are_exact_match_and_its_log_probs_the_generators(ppo_run,

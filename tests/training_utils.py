@@ -54,3 +54,11 @@ def random_batches(cfg, seed: int = 0, image_tokens: int = 4):
             "positions": (np.arange(t)[None] * seg).astype(np.int32),
             "pixel_values": rng.integers(0, 256, size=(b, 1, size, size, 3), dtype=np.uint8),
         }
+
+
+def demo_tokenizer_file(directory) -> str:
+    """The demo's sentencepiece model, trained into `directory`: its path."""
+    from data_pipelines.loader import demo_tokenizer
+
+    demo_tokenizer(directory)
+    return str(directory / "demo_tokenizer_v2.model")

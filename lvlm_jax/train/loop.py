@@ -24,6 +24,7 @@ from lvlm_jax import sharding
 from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
 from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import lora as lora_lib
+from lvlm_jax.train import progress as progress_lib
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
 from lvlm_jax.train.periodic_evals import make_evaluator
@@ -221,10 +222,7 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
     peak = flops_lib.device_peak()
     bar = None
     if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_steps, initial=int(state.step), desc=setup.cfg.stage,
-                   dynamic_ncols=True)
+        bar = progress_lib.progress(num_steps, initial=int(state.step), desc=setup.cfg.stage)
     bad_in_a_row = 0
     compiled = False
     t_last = time.perf_counter()
@@ -281,8 +279,9 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
                 writer.write(step, record)
             profiler.after(step, state)
             if bar is not None:
-                bar.update(1)
+                # The loss first: in a log, this update may write the line that shows it.
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.update(1)
             if after_step is not None and after_step(step, state):
                 break
     if bar is not None:

@@ -5,7 +5,6 @@ value head on the policy's hidden states, then the clipped policy and value loss
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,7 +27,11 @@ from lvlm_jax.train.stages.base import LossContext, Stage
 Array = jax.Array
 HEAD = "value_head"
 DEFAULTS = {"kl_coef": 0.05, "clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1,
-            "gamma": 1.0, "lam": 0.95, "whiten_advantages": True}
+            "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
+            # False: the value loss trains the value head only. Its gradient through the
+            # shared trunk moves the policy by the critic's error, which early in a run (a head
+            # that has seen a few batches) is mostly noise.
+            "value_grad_to_trunk": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +43,15 @@ class RolloutStage(Stage):
 
 
 def init_value_head(rng: Array, model_cfg: Any) -> dict[str, Any]:
-    """{"value_head": {"kernel": [embed, 1], "bias": [1]}}, float32 and replicated (tiny)."""
+    """{"value_head": {"kernel": [embed, 1], "bias": [1]}}, float32 and replicated (tiny).
+
+    Zeros: a fresh head values every state at 0, so the first advantages are the (whitened)
+    returns, a policy gradient with the batch mean as baseline. A random head would add values
+    of spread ~1 to 0/1 rewards, and the advantages of the first steps would be mostly its
+    noise."""
+    del rng
     d = model_cfg.language.embed_dim
-    kernel = jax.random.normal(rng, (d, 1), jnp.float32) / math.sqrt(d)
-    return {HEAD: {"kernel": kernel, "bias": jnp.zeros((1,), jnp.float32)}}
+    return {HEAD: {"kernel": jnp.zeros((d, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}}
 
 
 def values(params: Any, hidden: Array) -> Array:
@@ -105,6 +113,8 @@ def ppo_loss(ctx: LossContext, params: Any, batch: Mapping[str, Array], rng: Arr
                                       ctx.loss_chunk)
     policy, clip_fraction = ppo_policy_loss(logp, batch["old_log_probs"], batch["advantages"],
                                             mask, float(_opt(cfg, "clip_eps")))
+    if not bool(_opt(cfg, "value_grad_to_trunk")):
+        hidden = jax.lax.stop_gradient(hidden)
     value, value_clip = ppo_value_loss(values(params, hidden), batch["old_values"],
                                        batch["returns"], mask, float(_opt(cfg, "value_clip_eps")))
     count = jnp.sum(mask)
