@@ -61,3 +61,17 @@ def test_data_loader_bench_runs_quick():
     assert all(rate > 0 for row in rounds for rate in row)
     assert ratio == pytest.approx(np.median([o / t for o, t, _ in rounds]), rel=0.02, abs=0.01)
     assert share == pytest.approx(100 * np.median([o / c for o, _, c in rounds]), abs=1)
+
+
+def test_demo_divergence_bench_runs_quick():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "demo_divergence.py"), "--quick",
+         "--steps=3"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"demo_divergence: pretrain, 3 steps; final loss of the default run "
+                        r"\d+\.\d{5}", lines[0]), lines[0]
+    names = [re.match(r"  (.+?)\s+first differs: ", line).group(1) for line in lines[1:]]
+    assert names == ["ISA capped at SSE4_2", "another seed (1)"]
+    # another seed starts from other weights and data: its losses differ from step 1
+    assert "first differs: step 1 " in lines[2]
