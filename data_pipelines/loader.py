@@ -32,7 +32,7 @@ from data_pipelines.lanes import lane_batches
 from data_pipelines.packing import MODES as PACKING_MODES
 from data_pipelines.packing import pack_first_fit
 from data_pipelines.skips import DropSkipped, Skipped
-from data_pipelines.synthetic import SyntheticShapes
+from data_pipelines.synthetic import DESCRIBE_SHARE, SyntheticShapes
 from data_pipelines.templates import TextTokenizer, get_template
 from data_pipelines.tokenizer import Tokenizer, train_chat_tokenizer
 
@@ -144,13 +144,14 @@ class SyntheticSource:
 
     def __init__(
         self, kind: str, n: int, seed: int = 0, image_size: int = 64, split: str = "train",
-        description_noise: float = 0.0,
+        description_noise: float = 0.0, describe_share: float = DESCRIBE_SHARE,
     ):
         if kind not in KINDS:
             raise ValueError(f"unknown record kind {kind!r}; valid kinds: {list(KINDS)}")
         self.kind, self.n = kind, n
         self._shapes = SyntheticShapes(seed=seed, image_size=image_size, split=split,
-                                       description_noise=description_noise)
+                                       description_noise=description_noise,
+                                       describe_share=describe_share)
 
     def __len__(self) -> int:
         return self.n

@@ -202,7 +202,8 @@ class SyntheticShapes:
     unseen combinations. Images are uint8 arrays rather than encoded bytes.
     `description_noise` is the share of conversations' free descriptions that name one absent
     object too, as machine-written instruction data sometimes does: the source of the
-    hallucinations that preference tuning then removes.
+    hallucinations that preference tuning then removes. `describe_share` is the share of
+    conversations that are one free description (the rest: 1-3 questions).
     """
 
     def __init__(
@@ -213,12 +214,16 @@ class SyntheticShapes:
         max_objects: int = 3,
         split: str = "train",
         description_noise: float = 0.0,
+        describe_share: float = DESCRIBE_SHARE,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0.0 <= description_noise <= 1.0:
             raise ValueError(f"description_noise must be in [0, 1], got {description_noise}")
         self.description_noise = description_noise
+        if not 0.0 <= describe_share <= 1.0:
+            raise ValueError(f"describe_share must be in [0, 1], got {describe_share}")
+        self.describe_share = describe_share
         if image_size < 8 * grid:
             raise ValueError(f"image_size {image_size} is too small for a {grid}x{grid} grid")
         self.seed, self.image_size, self.split = seed, image_size, split
@@ -259,7 +264,7 @@ class SyntheticShapes:
 
     def conversation(self, index: int) -> dict:
         scene = self.scene(index)
-        if self._rng(index, _DESCRIBE).random() < DESCRIBE_SHARE:
+        if self._rng(index, _DESCRIBE).random() < self.describe_share:
             noise = self._rng(index, _NOISE)
             told = self._with_absent_object(scene, noise) if (
                 noise.random() < self.description_noise) else scene

@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", required=True)
     d.add_argument("--seeds", type=int, default=1,
                    help="run the demo for seeds 0..N-1, each in WORKDIR/seed_K/, and print each "
-                        "figure's median and min-max (default 1: one run in WORKDIR)")
+                        "figure's median and min-max; 1: one run in WORKDIR itself")
     t = sub.add_parser("train", help="train the stage named by config.stage")
     _add_config(t)
     t.add_argument("--workdir", required=True)

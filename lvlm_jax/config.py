@@ -49,6 +49,9 @@ def base_config() -> ConfigDict:
         # synthetic set: the share of free descriptions in conversations that also name one
         # absent object (noisy instruction data, the hallucinations preference tuning removes)
         "description_noise": 0.0,
+        # synthetic set: the share of conversations that are one free description (the rest
+        # ask 1-3 questions)
+        "describe_share": 0.2,
         "seq_len": 128,
         "batch_size": 32,
         "image_size": 0,  # 0: the vision tower's

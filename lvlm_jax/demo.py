@@ -83,7 +83,7 @@ def held_out_rl(cfg, model, params, tokenizer, records: Sequence[dict]) -> dict[
     """The RL stages' figures on a fixed prompt set: the mean rule reward of RL_SAMPLES answers
     sampled per prompt as the stage samples them (its temperature, its max_new_tokens), the
     same random numbers for every params; and the greedy answers' exact match."""
-    section = cfg.get(cfg.stage) if cfg.stage in ("ppo", "grpo") else cfg.ppo
+    section = cfg[cfg.stage]
     kw = {**_image_kw(cfg, model), "max_new_tokens": int(section.max_new_tokens)}
     reward = sampled_reward(model, params, tokenizer, cfg.data.template, records,
                             samples=RL_SAMPLES, temperature=float(section.temperature),
@@ -163,17 +163,22 @@ def run_demo(workdir: str, overrides: Overrides = (), log: Callable[[str], Any] 
     summary["vqa_accuracy_after_dpo"], _ = held_out_vqa(cfg, model, dpo_params, tokenizer,
                                                         records=vqa_records)
     rl_records = eval_records(cfg, model, n["rl"], start=RL_PROMPTS_FROM)
-    rl = held_out_rl(_config("ppo", overrides), model, dpo_params, tokenizer, rl_records)
-    summary["rl_reward_before"], summary["rl_accuracy_before"] = rl["reward"], rl["accuracy"]
-
-    # Both RL stages start from the dpo params and are measured on the same prompts.
+    # Both RL stages start from the dpo params and are measured on the same prompts, each
+    # sampled as that stage samples (the same random numbers before and after).
+    measured: dict[tuple, dict[str, float]] = {}
     for name, prefix in (("ppo", "rl"), ("grpo", "grpo")):
+        rl_cfg = _config(name, [*overrides, *stage_overrides.get(name, ())])
+        key = (float(rl_cfg[name].temperature), int(rl_cfg[name].max_new_tokens))
+        if key not in measured:
+            measured[key] = held_out_rl(rl_cfg, model, dpo_params, tokenizer, rl_records)
+        summary[f"{prefix}_reward_before"] = measured[key]["reward"]
+        summary[f"{prefix}_accuracy_before"] = measured[key]["accuracy"]
         cfg, _, history, rl_params = stage(name, dpo_params)
         summary[f"{name}_reward_first"] = _mean(history, "reward", slice(0, 3))
         summary[f"{name}_reward_last"] = _mean(history, "reward", slice(-3, None))
         rl = held_out_rl(cfg, model, rl_params, tokenizer, rl_records)
-        summary[f"{prefix}_reward_after"], summary[f"{prefix}_accuracy_after"] = (
-            rl["reward"], rl["accuracy"])
+        summary[f"{prefix}_reward_after"] = rl["reward"]
+        summary[f"{prefix}_accuracy_after"] = rl["accuracy"]
         if name == "ppo":
             summary["vqa_accuracy_after_ppo"], _ = held_out_vqa(cfg, model, rl_params,
                                                                 tokenizer, records=vqa_records)
@@ -190,8 +195,10 @@ def run_demo(workdir: str, overrides: Overrides = (), log: Callable[[str], Any] 
 
 
 def _figures(workdir: str, records: Sequence[dict], results: Sequence[dict]) -> None:
-    """loss_curves.png (every stage) and examples.png (held-out questions, sft's answers)."""
-    demo_plots.plot_loss_curves(workdir, STAGES, os.path.join(workdir, "loss_curves.png"))
+    """loss_curves.png (every stage's training loss; the RL stages' rollout reward) and
+    examples.png (held-out questions, sft's answers)."""
+    demo_plots.plot_loss_curves(workdir, STAGES, os.path.join(workdir, "loss_curves.png"),
+                                metrics={"ppo": "reward", "grpo": "reward"})
     shown = [{"image": rec["image"], "question": res["question"],
               "answer": res["prediction"], "reference": res["answer"]}
              for rec, res in list(zip(records, results, strict=True))[:EXAMPLES_SHOWN]]

@@ -15,10 +15,12 @@ from lvlm_jax.summarize import curve, read_records, style_step_axes
 MATCH_COLOR, MISMATCH_COLOR = "#1a7f37", "#cf222e"
 
 
-def plot_loss_curves(workdir: str, stages: Sequence[str], out_path: str) -> str:
-    """Training loss against step, one panel per stage, read from WORKDIR/<stage>/metrics.jsonl.
-    A stage without that file or without loss records gets a panel that says so. Returns
-    out_path."""
+def plot_loss_curves(workdir: str, stages: Sequence[str], out_path: str,
+                     metrics: Mapping[str, str] | None = None) -> str:
+    """Training loss against step, one panel per stage, read from WORKDIR/<stage>/metrics.jsonl;
+    `metrics[stage]` plots another logged metric for that stage (an RL stage's loss mixes
+    policy and value terms of any sign: its reward says more). A stage without that file or
+    without such records gets a panel that says so. Returns out_path."""
     if not stages:
         raise ValueError("plot_loss_curves needs at least one stage")
     columns = min(len(stages), 4)
@@ -27,14 +29,20 @@ def plot_loss_curves(workdir: str, stages: Sequence[str], out_path: str) -> str:
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for i, (ax, stage) in enumerate(zip(axes, stages, strict=False)):
         path = os.path.join(workdir, stage, "metrics.jsonl")
-        steps, losses = curve(read_records(os.path.join(workdir, stage)), "loss")
+        metric = (metrics or {}).get(stage, "loss")
+        steps, values = curve(read_records(os.path.join(workdir, stage)), metric)
         if steps:
-            ax.plot(steps, losses, color=f"C{i % 10}", marker="o" if len(steps) < 20 else None,
+            ax.plot(steps, values, color=f"C{i % 10}", marker="o" if len(steps) < 20 else None,
                     markersize=3)
+            # From scratch the first loss is ~ln(vocab), 10-100x the rest: a log axis keeps
+            # the rest of the curve readable.
+            if min(values) > 0 and max(values) > 10 * min(values):
+                ax.set_yscale("log")
         else:
-            ax.text(0.5, 0.5, "no loss records" if os.path.exists(path) else "no metrics.jsonl",
-                    ha="center", va="center", transform=ax.transAxes, color="gray")
-        style_step_axes(ax, stage, "loss")
+            ax.text(0.5, 0.5, f"no {metric} records" if os.path.exists(path)
+                    else "no metrics.jsonl", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+        style_step_axes(ax, stage, metric)
         if not steps:
             ax.set_xticks([])  # the 0..1 of an empty axis would read as data
             ax.set_yticks([])

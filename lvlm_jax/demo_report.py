@@ -30,8 +30,10 @@ ROWS: tuple[tuple[str, str | tuple[str, str], str], ...] = (
     ("held-out VQA accuracy (after dpo)", "vqa_accuracy_after_dpo", "pct"),
     ("ppo: held-out reward (before -> after)", ("rl_reward_before", "rl_reward_after"), "pct"),
     ("ppo: held-out greedy exact match", ("rl_accuracy_before", "rl_accuracy_after"), "pct"),
-    ("grpo: held-out reward (before -> after)", ("rl_reward_before", "grpo_reward_after"), "pct"),
-    ("grpo: held-out greedy exact match", ("rl_accuracy_before", "grpo_accuracy_after"), "pct"),
+    ("grpo: held-out reward (before -> after)", ("grpo_reward_before", "grpo_reward_after"),
+     "pct"),
+    ("grpo: held-out greedy exact match", ("grpo_accuracy_before", "grpo_accuracy_after"),
+     "pct"),
     ("wall time", "wall_seconds", "seconds"),
 )
 

@@ -20,7 +20,8 @@ from lvlm_jax.train import input_pipeline
 REQUIRED = ("caption_loss", "vqa_accuracy", "pope_accuracy", "pope_f1", "pope_yes_ratio",
             "hallucination_rate_before", "hallucination_rate_after", "wall_seconds")
 RL = ("rl_reward_before", "rl_reward_after", "rl_accuracy_before", "rl_accuracy_after",
-      "grpo_reward_after", "grpo_accuracy_after", "vqa_accuracy_after_dpo")
+      "grpo_reward_before", "grpo_reward_after", "grpo_accuracy_before", "grpo_accuracy_after",
+      "vqa_accuracy_after_dpo")
 TINY = [("train.total_steps", "2"), ("data.batch_size", "8"), ("data.num_examples", "64"),
         ("model.language.num_layers", "1"), ("model.vision.depth", "1"),
         ("train.log_every", "1"), ("train.progress", "false")]
@@ -49,6 +50,8 @@ def test_demo_runs_every_stage_and_writes_the_summary_and_figures(two_seeds):
         for key in REQUIRED[1:-1] + RL:
             assert 0.0 <= on_disk[key] <= 1.0, key
         assert on_disk["wall_seconds"] >= sum(on_disk["stage_seconds"].values())
+        # ppo and grpo sample alike here: one measurement of the dpo params serves both
+        assert on_disk["grpo_reward_before"] == on_disk["rl_reward_before"]
         for stage in demo.STAGES:
             metrics = [json.loads(x) for x in (run / stage / "metrics.jsonl").open()]
             assert max(m["step"] for m in metrics) == 2, stage

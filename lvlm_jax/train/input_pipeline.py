@@ -53,7 +53,8 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
     if d.source == "synthetic":
         return SyntheticSource(d.kind, d.num_examples, seed=cfg.seed,
                                image_size=image_size(cfg, model_cfg), split=split,
-                               description_noise=d.description_noise)
+                               description_noise=d.description_noise,
+                               describe_share=d.describe_share)
     if d.source == "arrayrecord":
         if not d.path:
             raise ValueError("data.source='arrayrecord' needs data.path=DIR "
