@@ -52,6 +52,10 @@ class ModelRunner:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_mode: str = "pad"
     batch_size: int = 32
+    # 0: greedy. Above 0, answers are sampled with keys that depend only on (sample_seed,
+    # batch index), so two params answer the same prompts with the same random numbers.
+    temperature: float = 0.0
+    sample_seed: int = 0
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -72,7 +76,8 @@ class ModelRunner:
 
     def generate(self, images: Sequence[Any], prompts: Sequence[str],
                  max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers, one per (image, prompt), decoded in left-padded batches."""
+        """Greedy (or, with `temperature`, sampled) answers, one per (image, prompt), decoded in
+        left-padded batches."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not prompts:
@@ -95,8 +100,9 @@ class ModelRunner:
             chunk += [chunk[0]] * (size - n)  # one batch shape: one compilation
             ims += [ims[0]] * (size - n)
             ids, seg = left_pad(chunk, pad_id=self.tokenizer.pad_id, length=length)
-            out = generate_tokens(self.model, self.params, ids, seg, self._pixels(ims),
-                                  jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.sample_seed), start // size)
+            out = generate_tokens(self.model, self.params, ids, seg, self._pixels(ims), rng,
+                                  max_new_tokens=max_new_tokens, temperature=self.temperature,
                                   stop_ids=stop, pad_id=self.tokenizer.pad_id,
                                   prefix_lm=self.model.cfg.prefix_lm)
             tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
