@@ -238,6 +238,19 @@ def test_batched_generation_equals_one_prompt_at_a_time(random_runner):
     assert any(batched)  # random weights still say something
 
 
+def test_sampled_generation_repeats_with_its_seed_and_differs_from_greedy(random_runner):
+    # The demo's sampled CHAIR compares two params on the same random numbers: same seed, same
+    # answers; another seed (or greedy) gives others.
+    runner, records = random_runner
+    images, prompts = [r["image"] for r in records], [r["question"] for r in records]
+    sampled = lambda seed: ModelRunner(**{**runner.__dict__, "temperature": 1.0,  # noqa: E731
+                                          "sample_seed": seed}).generate(images, prompts, 6)
+    first = sampled(0)
+    assert sampled(0) == first
+    assert sampled(1) != first
+    assert runner.generate(images, prompts, 6) != first
+
+
 def test_demo_pope_and_chair_functions_match_the_configured_evaluators(random_runner):
     runner, _ = random_runner
     args = (runner.model, runner.params, runner.tokenizer)
