@@ -141,15 +141,24 @@ def with_unscanned_decoder(vlm: VLMHandle) -> VLMHandle:
     cfg = vlm.config
     if not cfg.language.scan_layers or cfg.connector.kind == "cross_attention":
         return vlm
-    cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, scan_layers=False))
+    unscan = lambda c: dataclasses.replace(  # noqa: E731
+        c, language=dataclasses.replace(c.language, scan_layers=False))
     params = dict(vlm.params, decoder=unstack_layers(dict(vlm.params["decoder"])))
-    return dataclasses.replace(vlm, config=cfg, params=params, model=build_model(cfg))
+    # The model keeps the kernels it was built with.
+    return dataclasses.replace(vlm, config=unscan(cfg), params=params,
+                               model=VLM(unscan(vlm.model.cfg)))
 
 
-def from_pretrained(path: str, *, scan_layers: bool = True) -> VLMHandle:
+def from_pretrained(path: str, *, scan_layers: bool = True, platform: str | None = None
+                    ) -> VLMHandle:
     """Loads an HF LLaVA or PaliGemma folder, one of our params-only checkpoints (`lvlm export
-    --format=params`, `lvlm import`) or a training workdir into a `VLMHandle`."""
+    --format=params`, `lvlm import`) or a training workdir into a `VLMHandle`.
+
+    The params go to the default device; the model's "auto" kernels are chosen for `platform`
+    (default: that device's platform)."""
     import os
+
+    platform = platform or jax.devices()[0].platform
 
     from lvlm_jax.checkpoints.export import MODEL_CONFIG, load_params_only, read_model_config
 
@@ -163,7 +172,8 @@ def from_pretrained(path: str, *, scan_layers: bool = True) -> VLMHandle:
         from lvlm_jax.train.lora import merge
 
         params = merge(params)  # a LoRA run's adapters, folded into its kernels
-        return VLMHandle(config=cfg, params=jax.device_put(params), model=build_model(cfg))
+        return VLMHandle(config=cfg, params=jax.device_put(params),
+                         model=build_model(cfg, platform))
     hf = read_hf_config(path)
     cfg_dict, params = import_hf(path, scan_layers=scan_layers)
     if "connector" not in cfg_dict:
@@ -171,6 +181,6 @@ def from_pretrained(path: str, *, scan_layers: bool = True) -> VLMHandle:
                          "lvlm_jax.checkpoints.hf.import_hf to load it")
     cfg = vlm_config(cfg_dict)
     eos, pad = _token_ids(path, hf)
-    return VLMHandle(config=cfg, params=jax.device_put(params), model=build_model(cfg),
+    return VLMHandle(config=cfg, params=jax.device_put(params), model=build_model(cfg, platform),
                      hf_config=hf, eos_token_ids=eos, pad_token_id=pad,
                      position_offset=1 if cfg.prefix_lm else 0)

@@ -86,33 +86,50 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
-def _compiled_for(backend: str) -> Any:
-    options = CPU_COMPILER_OPTIONS if backend == "cpu" else None  # "traced": none
+def _compiled_for(platform: str | None) -> Any:
+    options = CPU_COMPILER_OPTIONS if platform == "cpu" else None  # None: inside another jit
     return jax.jit(_generate_tokens, static_argnames=_STATIC, compiler_options=options)
+
+
+def params_platform(params: Any) -> str | None:
+    """The platform of the devices `params` live on (where the program will run); None while
+    they are being traced inside another jit, whose caller knows its target."""
+    for x in jax.tree.leaves(params):
+        if isinstance(x, jax.core.Tracer):
+            return None
+        if isinstance(x, jax.Array):
+            return next(iter(x.devices())).platform
+    return jax.devices()[0].platform  # host arrays: jit puts them on the default device
 
 
 def generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Array,
                     pixel_values: Array | None, rng: Array, *, max_new_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-                    prefix_lm: bool = False) -> dict[str, Array]:
+                    prefix_lm: bool = False, fuse_projections: bool | None = None
+                    ) -> dict[str, Array]:
     """Generates up to `max_new_tokens` after left-padded prompts, under jit.
 
     Returns tokens [b, n] (pad_id after a row stops), log_probs [b, n] (log p of each token
     under the model at temperature 1; 0 after the row stops) and lengths [b] (tokens generated,
     stop token included).
+
+    `fuse_projections`: decode with fused q/k/v and gate/up weights, faster on CPU (see
+    language.fuse_projections) and elsewhere not worth a second copy of those weights in
+    accelerator memory. None: True where the params live on CPU devices; inside another jit
+    (a PPO rollout) the caller passes its target's choice, None meaning False.
     """
-    backend = jax.default_backend()
-    # Inside another jit (a PPO rollout, an eval step) this is inlined there: compiler options
-    # belong to the outer jit only.
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, input_ids)))
-    # Fused q/k/v and gate/up weights: faster on CPU (see language.fuse_projections); elsewhere
-    # not worth a second copy of those weights in accelerator memory.
-    return _compiled_for("traced" if traced else backend)(
+    platform = params_platform(params)
+    if isinstance(input_ids, jax.core.Tracer):
+        platform = None
+    if fuse_projections is None:
+        fuse_projections = platform == "cpu"
+    # Inside another jit this is inlined there: compiler options belong to the outer jit only.
+    return _compiled_for(platform)(
         model, params, input_ids, segment_ids, pixel_values, rng,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_ids=stop_ids, pad_id=pad_id, prefix_lm=prefix_lm,
-        fuse_projections=backend == "cpu")
+        fuse_projections=fuse_projections)
 
 
 def _generate_tokens(model: Any, params: Any, input_ids: Array, segment_ids: Array,

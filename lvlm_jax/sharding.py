@@ -71,6 +71,11 @@ def resolve_mesh_shape(ici: Mapping[str, int], dcn: Mapping[str, int] | None,
     return ici, dcn
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ("cpu", "tpu", "gpu") of the devices a mesh's programs run on."""
+    return mesh.devices.flat[0].platform
+
+
 def make_mesh(mesh_cfg: Mapping[str, Any] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes data, fsdp, tensor, sequence.

@@ -8,7 +8,9 @@ special case) and an optional prefix flag (PaliGemma's prefix-LM: prefix tokens 
 bidirectionally).
 
 Implementations, chosen by config:
-  "xla"    the reference einsum + softmax, in float32 logits; used on CPU and in tests.
+  "xla"    the reference einsum + softmax, in float32 logits, with a hand-written backward
+           (under jax.jvp, which no custom VJP supports, it runs as "xla_autodiff").
+  "xla_autodiff"  the same forward, differentiated by JAX (forward-over-reverse, Hessians).
   "jax"    jax.nn.dot_product_attention with XLA's own choice of kernel.
   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn"): flash attention on NVIDIA GPUs.
   "splash" the Pallas splash-attention kernel on TPU (causal + segment ids).
@@ -22,8 +24,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lvlm_jax.models import layers
+
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "jax", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "xla_autodiff", "jax", "cudnn", "splash")
 
 
 @flax.struct.dataclass
@@ -60,7 +64,7 @@ class MaskInfo:
 
 
 def _xla_attention(q, k, v, mask: MaskInfo | None, scale: float, softcap: float | None):
-    if softcap:
+    if softcap or layers.forward_mode(q, k, v):
         return _xla_attention_autodiff(q, k, v, mask, scale, softcap)
     bias = None
     if mask is not None:  # additive, so its backward is the identity (no select on [b,h,t,s])
@@ -139,6 +143,12 @@ def _attention_bwd(scale, res, dout):
     split = lambda x: x.reshape(b, t, kvh, h // kvh, d)  # noqa: E731
     g = split(dout)
     dv = jnp.einsum("bkgts,btkgd->bskd", probs.astype(g.dtype), g, precision=_HI)
+    if bias is not None:
+        # A query that sees no key (padding) has uniform probs whatever its logits: it passes
+        # no gradient to q or k, as autodiff of the masked softmax gives. Zeroing its rows of
+        # dout here costs [b, t] work instead of a select on [b, h, t, s].
+        sees = jnp.broadcast_to(jnp.max(bias, axis=-1) == 0, (b, 1, 1, t))
+        g = g * sees.reshape(b, t)[:, :, None, None, None].astype(g.dtype)
     dprobs = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=jnp.float32,
                         precision=_HI)
     delta = jnp.einsum("btkgd,btkgd->bkgt", g.astype(jnp.float32),
@@ -237,6 +247,8 @@ def dot_product_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "xla" or softcap:
         return _xla_attention(q, k, v, mask, scale, softcap)
+    if implementation == "xla_autodiff":
+        return _xla_attention_autodiff(q, k, v, mask, scale, None)
     if implementation == "jax":
         return _jax_attention(q, k, v, mask, scale, None)
     if implementation == "cudnn":

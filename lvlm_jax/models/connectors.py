@@ -69,11 +69,13 @@ class Projector(nn.Module):
     out_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dense_kernel: str = "xla"  # the language tower's
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n = projector_depth(self.cfg.projector)
-        kw = dict(use_bias=self.cfg.projector_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.cfg.projector_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel=self.dense_kernel)
         x = layers.dense(self.out_dim, ("vision_embed", "mlp"), name="linear_1", **kw)(x)
         for i in range(2, n + 1):
             x = layers.activation("gelu")(x)
@@ -108,6 +110,7 @@ class Resampler(nn.Module):
     lm_vocab: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dense_kernel: str = "xla"  # the language tower's
 
     @nn.compact
     def __call__(self, feats: Array, instruction: Array | None = None,
@@ -115,6 +118,7 @@ class Resampler(nn.Module):
         cfg = self.cfg
         n = feats.shape[0]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dk = dict(dense_kernel=self.dense_kernel)
         axes = ("embed", "heads", "head_dim")
         queries = self.param("queries", layers.param_init(nn.initializers.normal(0.02),
                                                           (None, "embed")),
@@ -142,16 +146,16 @@ class Resampler(nn.Module):
         for i in range(cfg.depth):
             h = layers.LayerNorm(name=f"ln_self_{i}", **ln)(x)
             x = x + MultiHeadAttention(cfg.num_heads, cfg.width, axes, name=f"self_attn_{i}",
-                                       **kw)(h, mask=self_mask)
+                                       **kw, **dk)(h, mask=self_mask)
             h = layers.LayerNorm(name=f"ln_cross_{i}", **ln)(x[:, :q_len])
             cross = MultiHeadAttention(cfg.num_heads, cfg.width, axes, name=f"cross_attn_{i}",
-                                       **kw)(h, feats)
+                                       **kw, **dk)(h, feats)
             x = x.at[:, :q_len].add(cross)
             h = layers.LayerNorm(name=f"ln_mlp_{i}", **ln)(x)
-            x = x + MLP(cfg.mlp_dim, "gelu", ("embed", "mlp"), name=f"mlp_{i}", **kw)(h)
+            x = x + MLP(cfg.mlp_dim, "gelu", ("embed", "mlp"), name=f"mlp_{i}", **kw, **dk)(h)
         x = layers.LayerNorm(name="final_norm", **ln)(x[:, :q_len])
         return layers.dense(self.out_dim, ("embed", "mlp"), use_bias=True, name="out_proj",
-                            **kw)(x)
+                            kernel=self.dense_kernel, **kw)(x)
 
 
 class GatedCrossAttention(nn.Module):
@@ -165,28 +169,30 @@ class GatedCrossAttention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
+        dk = dict(kernel=cfg.dense_kernel)
         gate = lambda name: self.param(name, layers.param_init(nn.initializers.zeros_init(), ()),  # noqa: E731
                                        (), pdtype)
         ln = dict(eps=cfg.norm_eps, axis_name="embed", **kw)
         hd = cfg.resolved_head_dim
         h = layers.LayerNorm(name="attn_norm", **ln)(x)
         q = layers.dense((cfg.num_heads, hd), ("embed", "heads", "head_dim"), name="q_proj",
-                         **kw)(h)
+                         **kw, **dk)(h)
         k = layers.dense((cfg.num_heads, hd), ("embed", "heads", "head_dim"), name="k_proj",
-                         **kw)(media)
+                         **kw, **dk)(media)
         v = layers.dense((cfg.num_heads, hd), ("embed", "heads", "head_dim"), name="v_proj",
-                         **kw)(media)
+                         **kw, **dk)(media)
         from lvlm_jax.models.attention import dot_product_attention
 
         out = dot_product_attention(q, k, v, DenseMask(media_mask[:, None]),
                                     implementation="xla")
         out = layers.dense(cfg.embed_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
-                           name="o_proj", **kw)(out)
+                           name="o_proj", **kw, **dk)(out)
         # Text before any image sees no media: its cross-attention output is zero, not a mean.
         out = out * jnp.any(media_mask, axis=-1, keepdims=True).astype(out.dtype)
         x = x + jnp.tanh(gate("attn_gate")).astype(dtype) * out
         h = layers.LayerNorm(name="ffw_norm", **ln)(x)
-        h = MLP(4 * cfg.embed_dim, "gelu", ("embed", "mlp"), name="ffw", **kw)(h)
+        h = MLP(4 * cfg.embed_dim, "gelu", ("embed", "mlp"), name="ffw",
+                dense_kernel=cfg.dense_kernel, **kw)(h)
         return x + jnp.tanh(gate("ffw_gate")).astype(dtype) * h
 
 

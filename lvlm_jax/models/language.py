@@ -48,6 +48,8 @@ class LanguageConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    # "auto" | "xla" | "cpu" (layers.dense); "auto" follows the platform the model is built for
+    dense_kernel: str = "auto"
     scan_layers: bool = True
     remat_policy: str = "none"
 
@@ -107,7 +109,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         dtype, pdtype = _dtypes(cfg)
         hd = cfg.resolved_head_dim
-        kw = dict(dtype=dtype, param_dtype=pdtype, use_bias=cfg.qkv_bias)
+        kw = dict(dtype=dtype, param_dtype=pdtype, use_bias=cfg.qkv_bias,
+                  kernel=cfg.dense_kernel)
         if self.has_variable("params", f"{FUSED_QKV}_kernel"):  # see fuse_projections
             heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
             qkv = _fused_dense(self, FUSED_QKV, x, (sum(heads), hd),
@@ -131,7 +134,7 @@ class Attention(nn.Module):
         else:
             k, v, new_cache = _write_cache(layer_cache, k, v, cache_index)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-            if cfg.attention == "xla":
+            if cfg.attention in ("xla", "xla_autodiff"):
                 out = cached_attention(q, k, v, mask)
             else:  # the fused kernels take the token-major layout
                 token_major = lambda a: a.reshape(  # noqa: E731
@@ -140,7 +143,8 @@ class Attention(nn.Module):
                                             implementation=cfg.attention)
         out = checkpoint_name(out, "attn_out")
         out = layers.dense(cfg.embed_dim, ("heads", "head_dim", "embed"), axis=(-2, -1),
-                           dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
+                           dtype=dtype, param_dtype=pdtype, kernel=cfg.dense_kernel,
+                           name="o_proj")(out)
         return checkpoint_name(out, "out_proj"), new_cache
 
 
@@ -225,7 +229,7 @@ class GatedMLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         dtype, pdtype = _dtypes(cfg)
-        kw = dict(dtype=dtype, param_dtype=pdtype)
+        kw = dict(dtype=dtype, param_dtype=pdtype, kernel=cfg.dense_kernel)
         if self.has_variable("params", f"{FUSED_GATE_UP}_kernel"):  # see fuse_projections
             both = _fused_dense(self, FUSED_GATE_UP, x, 2 * cfg.mlp_dim, ("embed", "mlp"), **kw)
             gate, up = jnp.split(both, 2, axis=-1)
@@ -298,7 +302,7 @@ class Decoder(nn.Module):
                                          param_dtype=pdtype)
         if not cfg.tie_embeddings:
             self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
-                                        param_dtype=pdtype)
+                                        param_dtype=pdtype, kernel=cfg.dense_kernel)
         if cfg.cross_attention_every:
             from lvlm_jax.models.connectors import FlamingoGroup
 

@@ -6,6 +6,8 @@ Every parameter is created with logical axis names (see DESIGN.md, "Logical axes
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -14,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
 Array = jax.Array
 Dtype = Any
@@ -56,6 +59,10 @@ def param_init(init: Callable, names: Sequence[str | None]) -> Callable:
     return nn.with_logical_partitioning(init, tuple(names))
 
 
+# "auto" is resolved per target platform by models.vlm.for_platform.
+DENSE_KERNELS = ("auto", "xla", "cpu")
+
+
 def dense(
     features: int | Sequence[int],
     kernel_axes: Sequence[str | None],
@@ -66,10 +73,17 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
     kernel_init: Callable | None = None,
+    kernel: str = "xla",
     **module_kw: Any,
 ) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel (and bias, on the output axes) carry logical names.
+
+    `kernel` (a tower's `dense_kernel`): "xla" is lax.dot_general, autodiff's backward; "cpu"
+    the 2-D matmul with a hand-written weight gradient that XLA:CPU runs faster (see
+    `cpu_dense_dot_general`); "auto" left unresolved (a model built for no target) is "xla".
     `module_kw` goes to the module (e.g. parent=None for one applied to given weights)."""
+    if kernel not in DENSE_KERNELS:
+        raise ValueError(f"unknown dense_kernel {kernel!r}; expected one of {DENSE_KERNELS}")
     n_out = 1 if isinstance(features, int) else len(features)
     return nn.DenseGeneral(
         features=features,
@@ -80,7 +94,7 @@ def dense(
         kernel_init=param_init(kernel_init or nn.initializers.lecun_normal(), kernel_axes),
         bias_init=param_init(nn.initializers.zeros_init(), tuple(kernel_axes)[-n_out:]),
         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
-        dot_general=cpu_dense_dot_general if jax.default_backend() == "cpu" else None,
+        dot_general=cpu_dense_dot_general if kernel == "cpu" else None,
         name=name,
         **module_kw,
     )
@@ -111,6 +125,39 @@ def _matmul_bwd(hi, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+_FORWARD_MODE = contextvars.ContextVar("lvlm_forward_mode", default=False)
+
+
+def forward_mode(*xs: Any) -> bool:
+    """True while `jax.jvp` traces xs (or inside `forward_mode_scope(True)`).
+
+    A custom VJP has no forward-mode rule, so the functions that have one (the CPU dense,
+    "xla" attention, the chunked cross-entropy) switch to their autodiff reference there, with
+    the same numbers; `jax.grad` linearizes instead and keeps the hand-written backward. Code
+    that scan or remat traces into a jaxpr sees no JVP tracers, so the model sets the scope at
+    its entry (VLM.__call__). Still unsupported, and refused by JAX ("can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function"): `jax.jvp` of an already-jitted
+    function and forward-over-reverse (Hessian-vector products). For those, choose the plain
+    paths by config: model.{vision,language}.dense_kernel="xla",
+    model.{vision,language}.attention="xla_autodiff", train.loss_chunk=0.
+    """
+    return _FORWARD_MODE.get() or any(isinstance(x, ad.JVPTracer) for x in jax.tree.leaves(xs))
+
+
+@contextlib.contextmanager
+def forward_mode_scope(active: bool):
+    """Everything traced inside takes the autodiff paths when `active` (see forward_mode)."""
+    token = _FORWARD_MODE.set(_FORWARD_MODE.get() or bool(active))
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+# The name scope of the CPU dense's ops: lowered programs show whether they contain it.
+CPU_DENSE_SCOPE = "lvlm_cpu_dense"
+
+
 def cpu_dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                           preferred_element_type=None):
     """DenseGeneral's contraction (trailing lhs axes with leading rhs axes) as one 2-D matmul
@@ -118,11 +165,13 @@ def cpu_dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
     if (lb or rb or tuple(rc) != tuple(range(n))
-            or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or lhs.dtype != rhs.dtype):
+            or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or lhs.dtype != rhs.dtype
+            or forward_mode(lhs, rhs)):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     k = math.prod(lhs.shape[lhs.ndim - n:])
-    out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
+    with jax.named_scope(CPU_DENSE_SCOPE):
+        out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
     return out.reshape(*lhs.shape[:lhs.ndim - n], *rhs.shape[n:])
 
 

@@ -44,6 +44,7 @@ class VisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    dense_kernel: str = "auto"  # as LanguageConfig.dense_kernel
     scan_layers: bool = True
     remat_policy: str = "none"
 
@@ -109,13 +110,15 @@ class MultiHeadAttention(nn.Module):
     attention: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dense_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, kv: Array | None = None, mask=None) -> Array:
         kv = x if kv is None else kv
         hd = self.out_dim // self.num_heads
         e, h, d = self.axes
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel=self.dense_kernel)
         q = layers.dense((self.num_heads, hd), (e, h, d), name="q_proj", **kw)(x)
         k = layers.dense((self.num_heads, hd), (e, h, d), name="k_proj", **kw)(kv)
         v = layers.dense((self.num_heads, hd), (e, h, d), name="v_proj", **kw)(kv)
@@ -129,10 +132,12 @@ class MLP(nn.Module):
     axes: tuple = ("vision_embed", "vision_mlp")
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    dense_kernel: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel=self.dense_kernel)
         h = layers.dense(self.hidden, self.axes, name="fc1", **kw)(x)
         h = layers.activation(self.act)(h)
         return layers.dense(x.shape[-1], self.axes[::-1], name="fc2", **kw)(h)
@@ -156,9 +161,11 @@ class EncoderLayer(nn.Module):
         x = layers.constrain(x, ("act_batch", None, "act_embed"))
         h = layers.LayerNorm(name="layer_norm1", **ln)(x)
         x = x + MultiHeadAttention(cfg.num_heads, cfg.width, attention=cfg.attention, dtype=dtype,
-                                   param_dtype=pdtype, name="self_attn")(h)
+                                   param_dtype=pdtype, dense_kernel=cfg.dense_kernel,
+                                   name="self_attn")(h)
         h = layers.LayerNorm(name="layer_norm2", **ln)(x)
-        x = x + MLP(cfg.mlp_dim, cfg.activation, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+        x = x + MLP(cfg.mlp_dim, cfg.activation, dtype=dtype, param_dtype=pdtype,
+                    dense_kernel=cfg.dense_kernel, name="mlp")(h)
         if index is not None:
             x = jnp.where(index < self.n_run, x, x_in)
         return x, None
@@ -178,10 +185,12 @@ class MAPHead(nn.Module):
                            (1, 1, cfg.width), pdtype)
         probe = jnp.broadcast_to(probe.astype(dtype), (x.shape[0], 1, cfg.width))
         h = MultiHeadAttention(cfg.num_heads, cfg.width, attention=cfg.attention, dtype=dtype,
-                               param_dtype=pdtype, name="attention")(probe, x)
+                               param_dtype=pdtype, dense_kernel=cfg.dense_kernel,
+                               name="attention")(probe, x)
         y = layers.LayerNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
                              name="layernorm")(h)
-        h = h + MLP(cfg.mlp_dim, cfg.activation, dtype=dtype, param_dtype=pdtype, name="mlp")(y)
+        h = h + MLP(cfg.mlp_dim, cfg.activation, dtype=dtype, param_dtype=pdtype,
+                    dense_kernel=cfg.dense_kernel, name="mlp")(y)
         return h[:, 0]
 
 

@@ -109,14 +109,15 @@ class VLM(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.decoder = Decoder(cfg.decoder_config)
         kind = cfg.connector.kind
+        dk = cfg.language.dense_kernel
         if kind == "projector":
-            self.connector = Projector(cfg.connector, cfg.language.embed_dim, dtype, pdtype)
+            self.connector = Projector(cfg.connector, cfg.language.embed_dim, dtype, pdtype, dk)
         elif kind == "resampler":
             self.connector = Resampler(cfg.connector, cfg.language.embed_dim,
-                                       cfg.language.vocab_size, dtype, pdtype)
+                                       cfg.language.vocab_size, dtype, pdtype, dk)
         elif cfg.connector.num_queries:
             self.connector = Resampler(cfg.connector, cfg.connector.width,
-                                       cfg.language.vocab_size, dtype, pdtype)
+                                       cfg.language.vocab_size, dtype, pdtype, dk)
         else:
             self.connector = None
 
@@ -153,6 +154,18 @@ class VLM(nn.Module):
         return_hidden: bool = False,
         plain_causal: bool = False,
     ):
+        # Under jax.jvp, the whole model (scan and remat bodies included) takes the paths
+        # autodiff can differentiate forward; see layers.forward_mode.
+        jvp = layers.forward_mode(input_ids, pixel_values, image_features,
+                                  dict(self.variables))
+        with layers.forward_mode_scope(jvp):
+            return self._forward(input_ids, pixel_values, segment_ids, positions, prefix_mask,
+                                 cache, image_features, media_ids, instruction,
+                                 instruction_mask, return_hidden, plain_causal)
+
+    def _forward(self, input_ids, pixel_values, segment_ids, positions, prefix_mask, cache,
+                 image_features, media_ids, instruction, instruction_mask, return_hidden,
+                 plain_causal):
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
@@ -200,8 +213,23 @@ class VLM(nn.Module):
         return init_cache(self.cfg.decoder_config, batch, length)
 
 
-def build_model(cfg: VLMConfig | Mapping[str, Any]) -> VLM:
-    return VLM(cfg if isinstance(cfg, VLMConfig) else vlm_config(cfg))
+def for_platform(cfg: VLMConfig, platform: str) -> VLMConfig:
+    """`cfg` with its "auto" kernel choices made for `platform` ("cpu", "tpu", "gpu"): the
+    platform of the devices the program will run on (a mesh's, an AOT target's), never the
+    backend of the host that traces it. Explicit choices are kept."""
+    def resolve(tower):
+        if tower.dense_kernel != "auto":
+            return tower
+        return dataclasses.replace(tower, dense_kernel="cpu" if platform == "cpu" else "xla")
+
+    return dataclasses.replace(cfg, vision=resolve(cfg.vision), language=resolve(cfg.language))
+
+
+def build_model(cfg: VLMConfig | Mapping[str, Any], platform: str | None = None) -> VLM:
+    """The VLM of `cfg`; with `platform`, its "auto" kernels are chosen for that platform
+    (see `for_platform`), else they take the portable path."""
+    cfg = cfg if isinstance(cfg, VLMConfig) else vlm_config(cfg)
+    return VLM(cfg if platform is None else for_platform(cfg, platform))
 
 
 def instruction_inputs(cfg: VLMConfig, input_ids: Array, prompt: Array) -> dict[str, Array]:

@@ -59,6 +59,8 @@ class Setup:
     total_steps: int
     flops_per_step: float
     state: TrainState | None = None
+    # The model config as given; `model.cfg` has its "auto" kernels resolved for the mesh.
+    model_cfg: Any = None
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Shape-only global batch (for ahead-of-time compilation)."""
@@ -112,7 +114,8 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
                          f"{sharding.batch_axis_size(mesh)} data shards")
     # ---- model -------------------------------------------------------------------------
     model_cfg = model_cfg or vlm_config(cfg.model.to_dict())
-    model = build_model(model_cfg)
+    # Kernels for the mesh's devices (an AOT target's included), not for this host.
+    model = build_model(model_cfg, platform=sharding.mesh_platform(mesh))
     steps = config_lib.total_steps(cfg, dataset_size)
     init_inputs = dummy_inputs(model_cfg, batch=1)
     # Parameter paths start below the "params" collection: "vision/...", "decoder/...".
@@ -164,7 +167,7 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
         model_cfg, abstract_params, cfg.data.seq_len, cfg.data.max_images, trains_vision)
     jit_init = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, abstract_state, state_shardings, batch_shardings,
-                 jit_init, step_fn, schedule, steps, flops)
+                 jit_init, step_fn, schedule, steps, flops, model_cfg=model_cfg)
 
 
 def _start_from(setup: Setup, params: Any) -> None:
@@ -323,12 +326,14 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
     # ---- config ------------------------------------------------------------------------
     setup = plan(cfg, model_cfg, dataset_size)
     # A workdir that holds another model's checkpoints is refused before anything is written.
-    check_same_model(workdir, setup.model.cfg)
+    check_same_model(workdir, setup.model_cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(cfg))
-        write_model_config(setup.model.cfg, workdir)  # what export and generate rebuild
+        # As configured ("auto" kernels stay "auto"): what export and generate rebuild, for
+        # whatever platform they run on.
+        write_model_config(setup.model_cfg, workdir)
     # ---- state: resumed, chained from another run, or fresh ----------------------------
     ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                         every_minutes=cfg.checkpoint.every_minutes,

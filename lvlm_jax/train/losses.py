@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvlm_jax.models.layers import forward_mode, forward_mode_scope
+
 Array = jax.Array
 
 
@@ -38,7 +40,12 @@ def chunked_cross_entropy_sum(hidden: Array, head: Callable[[Array], Array], tar
     with none is skipped, so image and prompt tokens cost no LM-head work. The gradient is
     computed chunk by chunk in the forward pass (no second LM-head matmul in the backward);
     the weights' gradient is exact only where weight != 0.
+
+    chunk <= 0: the plain unchunked loss, autodiff's backward. Under `jax.jvp` (no custom VJP
+    has a forward-mode rule) the chunks go through autodiff, with the same numbers.
     """
+    if chunk <= 0:
+        return cross_entropy_sum(head(hidden), targets, weights)
     b, t, d = hidden.shape
     order = jnp.argsort(weights == 0, axis=1, stable=True)
     hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
@@ -56,6 +63,10 @@ def chunked_cross_entropy_sum(hidden: Array, head: Callable[[Array], Array], tar
     ws = weights.reshape(b, n, chunk).swapaxes(0, 1)
     # The head's parameters become explicit arguments, so the custom VJP can return their grads.
     head_fn, consts = jax.closure_convert(head, hs[0])
+    if forward_mode(hs, consts):
+        per_chunk = jax.checkpoint(lambda xs: cross_entropy_sum(head(xs[0]), xs[1], xs[2]))
+        with forward_mode_scope(True):  # the head inside the map's body, too
+            return jnp.sum(jax.lax.map(per_chunk, (hs, ts, ws)))
     return _fused_ce(head_fn, hs, ts, ws, list(consts))
 
 

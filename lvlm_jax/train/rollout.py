@@ -114,7 +114,8 @@ def sample_and_score(params: Any, reference: Any, reward_params: Any,
     out = generate_tokens(model, params, prompts["prompt_ids"], prompts["prompt_segment_ids"],
                           pixels, rng, max_new_tokens=n,
                           temperature=float(spec.opts.temperature), stop_ids=spec.stop_ids,
-                          pad_id=spec.pad_id, prefix_lm=model.cfg.prefix_lm)
+                          pad_id=spec.pad_id, prefix_lm=model.cfg.prefix_lm,
+                          fuse_projections=sharding.mesh_platform(spec.mesh) == "cpu")
     mask = (jnp.arange(n)[None] < out["lengths"][:, None]).astype(jnp.float32)
     seq = sequence_inputs(prompts["prompt_ids"], prompts["prompt_segment_ids"], out["tokens"],
                           mask)
@@ -260,7 +261,7 @@ def load_reward_model(workdir: str, ctx: LossContext, mesh: Any, rules: Any
     from lvlm_jax.train.stages.base import with_extra_params
 
     model_cfg = read_model_config(workdir)
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, platform=sharding.mesh_platform(mesh))
     params, _ = restore_params(workdir)
     params = lora.merge(params)
     if reward.HEAD not in params:
