@@ -75,3 +75,23 @@ def test_demo_divergence_bench_runs_quick():
     assert names == ["ISA capped at SSE4_2", "another seed (1)"]
     # another seed starts from other weights and data: its losses differ from step 1
     assert "first differs: step 1 " in lines[2]
+
+
+@pytest.mark.parametrize("script", ["gpu_train.py", "gpu_rollout.py"])
+def test_gpu_bench_scripts_run_tiny_on_cpu(script):
+    """The prepared GPU scripts (bench/gpu_check.sh runs both on a lent GPU) run end to end at a
+    CPU size, so a GPU's few minutes are not spent on a broken script."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", script), "--tiny", "--steps", "1",
+         "--warmup", "0"] if script == "gpu_train.py" else
+        [sys.executable, os.path.join(ROOT, "bench", script), "--tiny"],
+        cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    if script == "gpu_train.py":
+        m = re.search(r"gpu_train\[xla\]: \d+\.\d+B params, step (\d+\.\d+) ms", out)
+        assert m and float(m.group(1)) > 0, out
+    else:
+        assert re.search(r"gpu_rollout\[scanned decoder\]: generate \d+ ms \((\d+) tokens/s\)",
+                         out), out
+        assert out.strip().endswith("same tokens: True"), out
