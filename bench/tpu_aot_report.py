@@ -1,21 +1,27 @@
-"""Does LLaVA-1.5-7B's train step fit a v5p-64 and a v5e-256? AOT-compiled on this CPU host.
+"""LLaVA-1.5-7B's train step of every stage on a v5p-64 and a v5e-256, AOT-compiled on a CPU host:
+per-chip memory, the collectives of the optimized program, a roofline step time and its MFU.
 
     python bench/tpu_aot_report.py --out bench/results/tpu_aot_report.txt
 
-The paper's batch sizes at 2048 tokens: v5p-64 runs stage 2's step (LM + projector train) at
-stage 1's batch of 256, the heavier of the two stages on the same slice; v5e-256 runs stage 2
-at its batch of 128. Each case tries the config as it is (FSDP over every chip, full remat, bf16
-compute), then the next setting in ATTEMPTS, and prints the first report that fits. Takes
-several minutes on 2 CPU cores; needs libtpu (`pip install -e '.[tpu]'`).
+writes the text there and every report as JSON beside it (bench/results/tpu_aot_report.json).
+Each stage (pretrain, sft, dpo, ppo's update) compiles with the same config, its stage swapped
+in, as `lvlm compile --stages=...` does. The paper's batch sizes at 2048 tokens: v5p-64 runs
+each step at stage 1's batch of 256, the heavier batch on the same slice; v5e-256 at stage 2's
+128. Each case tries the config as it is (FSDP over every chip, full remat, bf16 compute), then
+the next setting in ATTEMPTS, and prints the first report that fits. A 7B compile takes ~3
+minutes on 2 CPU cores, so the whole run (2 slices x 4 stages) takes ~30 minutes;
+--topologies and --stages run a part. Needs libtpu (`pip install -e '.[tpu]'`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import sys
 import time
+from typing import Any
 
 # A compile-only run: no TPU is driven from here, and a CPU host must not try to start one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,9 +31,10 @@ from lvlm_jax import aot  # noqa: E402
 from lvlm_jax import config as config_lib  # noqa: E402
 
 CONFIG = "experiments/llava15.py:7b"
+STAGES = ("pretrain", "sft", "dpo", "ppo")
 CASES: list[tuple[str, dict[str, str], str]] = [
-    ("v5p-64", {"data.batch_size": "256"}, "stage 2 step at stage 1's batch (256)"),
-    ("v5e-256", {"data.batch_size": "128"}, "stage 2 at its batch (128)"),
+    ("v5p-64", {"data.batch_size": "256"}, "at stage 1's batch (256)"),
+    ("v5e-256", {"data.batch_size": "128"}, "at stage 2's batch (128)"),
 ]
 # Tried in order until one fits; each adds to the config's own settings.
 ATTEMPTS: list[tuple[str, dict[str, str]]] = [
@@ -41,18 +48,21 @@ ATTEMPTS: list[tuple[str, dict[str, str]]] = [
 ]
 
 
-def run_case(topology: str, overrides: dict[str, str], what: str, log) -> bool:
-    log(f"== {CONFIG} on {topology}: {what}")
+def run_case(topology: str, overrides: dict[str, str], what: str, stage: str, log,
+             reports: list[dict[str, Any]]) -> bool:
+    log(f"== {CONFIG} on {topology}, stage {stage}: {what}")
     for label, extra in ATTEMPTS:
         settings = {**overrides, **extra}
         cfg = config_lib.load(CONFIG, list(settings.items()))
         t0 = time.perf_counter()
         try:
-            report = aot.compile_report(cfg, topology, assumed_mfu=0.5)
+            report = aot.compile_report(cfg, topology, assumed_mfu=0.5, stage=stage)
         except (ValueError, NotImplementedError) as e:
             log(f"-- {label}: does not build: {str(e).splitlines()[0][:160]}")
             continue
         took = time.perf_counter() - t0
+        report.update(config=CONFIG, overrides=settings, attempt=label)
+        reports.append(report)
         if report["fits"]:
             log(f"-- {label} ({', '.join(f'{k}={v}' for k, v in settings.items())}); "
                 f"{took:.0f} s")
@@ -67,9 +77,16 @@ def run_case(topology: str, overrides: dict[str, str], what: str, log) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="", help="also write the output to this file")
+    p.add_argument("--out", default="", help="also write the output to this file, and the "
+                                             "reports as JSON beside it (.json)")
+    p.add_argument("--topologies", default=",".join(t for t, _, _ in CASES),
+                   help="comma-separated subset of the cases' topologies")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages")
     args = p.parse_args()
+    stages = aot.parse_stages(args.stages)
+    topologies = args.topologies.split(",")
     lines: list[str] = []
+    reports: list[dict[str, Any]] = []
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -79,11 +96,15 @@ def main() -> int:
 
     log(f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}, "
         f"compiled on {os.cpu_count()} CPU cores")
-    ok = all([run_case(topology, overrides, what, log) for topology, overrides, what in CASES])
+    ok = all([run_case(topology, overrides, what, stage, log, reports)
+              for topology, overrides, what in CASES if topology in topologies
+              for stage in stages])
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(reports, f, indent=1)
     return 0 if ok else 1
 
 

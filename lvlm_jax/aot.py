@@ -1,25 +1,68 @@
-"""Ahead-of-time compile of the train step for a TPU topology on a CPU host: memory and FLOPs."""
+"""Ahead-of-time compile of a stage's train step for a TPU topology on a CPU host: per-chip memory,
+FLOPs, the collectives of the optimized program, and a roofline prediction of its step time."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import math
 import os
+import pathlib
 import re
+import tempfile
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from lvlm_jax import config as config_lib
-from lvlm_jax import sharding
+from lvlm_jax import hlo_stats, sharding
 from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import loop
+from lvlm_jax.train.optimizer import trainable_mask
+from lvlm_jax.train.rollout import option
+from lvlm_jax.train.stages import STAGES, get_stage
 
 GiB = 2 ** 30
-HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Published per-chip figures of a TPU generation, in FLOP/s and bytes/s."""
+
+    peak_flops: float  # dense bf16
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float  # one direction: half the published bidirectional figure
+    dcn_bytes_per_s: float
+    hbm_gib: float
+
+
+# GB = 1e9 bytes. ICI is priced at half the bidirectional per-chip figure: a chip sends a
+# collective's wire bytes while it receives as many, over all its links at once (so an optimistic
+# rate for a collective along one mesh axis).
+CHIPS: dict[str, ChipSpec] = {
+    # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB at 1200 GBps. The page gives no
+    # ICI or DCN figure: ICI 6 links x 400 Gbps each way (2400 Gbps; the v4 paper, arXiv
+    # 2304.01433, as summarised at https://glennklockwood.com/garden/processors/TPUv4); DCN
+    # assumed 50 Gbps per chip, as v5p.
+    "v4": ChipSpec(275e12, 1200e9, 300e9, 6.25e9, 32),
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB at 819 GBps, ICI 400 GBps
+    # bidirectional, DCN 6.4 Tbps per 256-chip pod (2 x 100 Gbps NICs per 8-chip host).
+    "v5e": ChipSpec(197e12, 819e9, 200e9, 3.125e9, 16),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB at 2765 GBps, ICI 1200 GBps
+    # bidirectional (4800 Gbps one way), DCN 50 Gbps per chip.
+    "v5p": ChipSpec(459e12, 2765e9, 600e9, 6.25e9, 95),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB at 1638 GBps, ICI 800 GBps
+    # bidirectional. DCN is not in the page's table: assumed 100 Gbps per chip.
+    "v6e": ChipSpec(918e12, 1638e9, 400e9, 12.5e9, 32),
+}
+HBM_GIB: dict[str, float] = {chip: spec.hbm_gib for chip, spec in CHIPS.items()}
+# The data each stage's loader yields (config.data.kind); plan() does not read it, a run does.
+DATA_KIND = {"pretrain": "caption", "sft": "conversation", "reward": "preference",
+             "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
 # Chips per slice -> the slice shapes Cloud TPU sells (MaxText's accelerator_to_spec_map).
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
               128: (8, 16), 256: (16, 16)}
@@ -122,6 +165,115 @@ def _unlocked_copy(cfg: Any) -> Any:
     return cfg
 
 
+def parse_stages(text: str) -> list[str]:
+    """'pretrain,sft,dpo,ppo' -> the names, each a known stage; anything else fails in one line."""
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f"unknown stage {bad[0] if bad else text!r}; expected a comma-separated "
+                         f"list of {', '.join(sorted(STAGES))}")
+    return stages
+
+
+def stage_config(cfg: Any, stage: str) -> Any:
+    """An unlocked copy of cfg that trains `stage`, on that stage's kind of data if the config
+    was written for another stage."""
+    cfg = _unlocked_copy(cfg)
+    if cfg.stage != stage:
+        cfg.stage = stage
+        cfg.data.kind = DATA_KIND.get(stage, cfg.data.kind)
+    return cfg
+
+
+def _rollout_shape(cfg: Any) -> tuple[int, int]:
+    """(rows, response tokens) of a rollout stage's training batch: group_size samples per
+    prompt, max_new_tokens each (train/rollout.py)."""
+    rows = cfg.data.batch_size * int(option(cfg, cfg.stage, "group_size", 1))
+    return rows, int(option(cfg, cfg.stage, "max_new_tokens", 16))
+
+
+def abstract_batch(setup: loop.Setup) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as shapes: loop.plan's, except for a stage whose batch a rollout makes
+    (PPO, GRPO): prompt + response tokens [rows, seq_len + n], per-response-token floats
+    [rows, n], as `rollout.sample_and_score` and `finish` hand them to the update step."""
+    cfg = setup.cfg
+    if getattr(get_stage(cfg.stage), "make_rollout", None) is None:
+        return setup.abstract_batch()
+    rows, n = _rollout_shape(cfg)
+    size = cfg.data.image_size or setup.model.cfg.vision.image_size
+    tokens = {"input_ids", "segment_ids", "positions"}
+
+    def spec(field: str) -> tuple[tuple[int, ...], Any]:
+        if field == "pixel_values":
+            return (rows, cfg.data.max_images, size, size, 3), jnp.uint8
+        if field in tokens:
+            return (rows, cfg.data.seq_len + n), jnp.int32
+        return (rows, n), jnp.float32
+
+    return {f: jax.ShapeDtypeStruct(*spec(f), sharding=sh)
+            for f, sh in setup.batch_shardings.items()}
+
+
+def model_flops(setup: loop.Setup) -> tuple[float, str]:
+    """Model FLOPs of one step of setup's stage (6ND + attention per sequence, the vision tower
+    2ND when frozen) and what they count. plan()'s figure is one sequence of seq_len per
+    example; a preference pair is two, a reference model adds a forward (2ND of 6ND), and a
+    rollout stage's sequences are the prompt plus the response."""
+    cfg, stage = setup.cfg, get_stage(setup.cfg.stage)
+    params = setup.abstract_state.params
+    trains_vision = any(jax.tree.leaves(
+        trainable_mask(params, loop.optimizer_config(cfg)).get("vision", {})))
+
+    def per_sequence(seq_len: int) -> float:
+        return flops_lib.train_flops_per_example(setup.model.cfg, params, seq_len,
+                                                 cfg.data.max_images, trains_vision)
+
+    if getattr(stage, "make_rollout", None) is not None:
+        rows, n = _rollout_shape(cfg)
+        return rows * per_sequence(cfg.data.seq_len + n), (
+            f"{rows} sequences of {cfg.data.seq_len} prompt + {n} response tokens")
+    if any(f.startswith("chosen_") for f in stage.fields):
+        reference = 4 / 3 if stage.uses_reference else 1.0
+        what = "chosen + rejected" + (" + the reference's forward" if stage.uses_reference
+                                      else "")
+        return 2 * cfg.data.batch_size * per_sequence(cfg.data.seq_len) * reference, what
+    return setup.flops_per_step, f"{cfg.data.batch_size} sequences of {cfg.data.seq_len} tokens"
+
+
+def roofline(chip: ChipSpec, flops: float, hbm_bytes: float, ici_bytes: float,
+             dcn_bytes: float, model_flops_per_step: float, chips: int) -> dict[str, Any]:
+    """Per-chip times of one step, in seconds: compute = FLOPs / peak, memory = HBM bytes / HBM
+    bandwidth, collectives = wire bytes / ICI (+ DCN) bandwidth. The prediction adds the
+    collectives to max(compute, memory), as if none overlapped compute; the lower bound
+    overlaps all three. MFU: model FLOPs / (chips x peak x time)."""
+    compute = flops / chip.peak_flops
+    memory = hbm_bytes / chip.hbm_bytes_per_s
+    ici, dcn = ici_bytes / chip.ici_bytes_per_s, dcn_bytes / chip.dcn_bytes_per_s
+    step = max(compute, memory) + ici + dcn
+    overlapped = max(compute, memory, ici + dcn)
+    bound = max((compute, "compute"), (memory, "memory"), (ici + dcn, "collectives"))[1]
+
+    def mfu(seconds: float) -> float | None:
+        return model_flops_per_step / (chips * chip.peak_flops * seconds) if seconds else None
+
+    return {"compute_s": compute, "memory_s": memory, "ici_s": ici, "dcn_s": dcn,
+            "collective_s": ici + dcn, "step_s": step, "step_s_overlapped": overlapped,
+            "bound": bound, "mfu": mfu(step), "mfu_overlapped": mfu(overlapped)}
+
+
+def compile_with_hlo(lowered: Any) -> tuple[Any, str]:
+    """(executable, its optimized HLO text). The text is the compiler's own dump: jaxlib's
+    `compiled.as_text()` rebuilds the module from libtpu's proto, and fails on some large
+    programs ("async-update instruction should have 1 operands but sees 3", the 7B step on
+    v5p-64). Dump options change what is written, not what is compiled."""
+    with tempfile.TemporaryDirectory() as d:
+        compiled = lowered.compile(compiler_options={
+            "xla_dump_to": d, "xla_dump_hlo_as_text": True, "xla_dump_disable_metadata": True})
+        dumps = glob.glob(os.path.join(d, "*after_optimizations.txt"))
+        text = pathlib.Path(max(dumps, key=os.path.getsize)).read_text() if dumps else None
+    return compiled, text if text is not None else compiled.as_text()
+
+
 def _bytes(text: str, unit: str) -> float:
     return float(text) * 1024 ** "BKMGT".index(unit.upper())
 
@@ -139,19 +291,23 @@ def _parse_oom(message: str) -> dict[str, float]:
 
 
 def compile_report(cfg: Any, topology: str, num_slices: int = 1, assumed_mfu: float = 0.5,
-                   hbm_gib: float | None = None) -> dict[str, Any]:
-    """AOT-compiles cfg's train step for `num_slices` slices of `topology`; returns its numbers.
+                   hbm_gib: float | None = None, stage: str | None = None) -> dict[str, Any]:
+    """AOT-compiles the train step of `stage` (default: cfg.stage) for `num_slices` slices of
+    `topology`; returns its numbers.
 
     Memory figures are per chip, in bytes, from XLA's memory analysis. `fits` compares their
     total with the chip's HBM (`hbm_gib` overrides the table). A program the TPU compiler itself
-    rejects as too large gives fits=False with the compiler's message in `error`.
+    rejects as too large gives fits=False with the compiler's message in `error`. From the
+    optimized program (lvlm_jax/hlo_stats.py), per chip and step: `collectives` by kind,
+    `hlo_flops_per_chip` (loops multiplied out), `hbm_bytes_per_chip` (an estimate), and a
+    `roofline` with the chip table's peaks (see `roofline`).
     """
     topo = parse_topology(topology)  # before anything slow: a typo fails in a millisecond
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     if not 0 < assumed_mfu <= 1:
         raise ValueError(f"assumed_mfu must be in (0, 1], got {assumed_mfu}")
-    cfg = _unlocked_copy(cfg)
+    cfg = stage_config(cfg, parse_stages(stage)[0]) if stage else _unlocked_copy(cfg)
     notes = []
     if num_slices > 1 and all(int(v) == 1 for v in cfg.mesh.dcn.values()):
         # The usual multi-slice layout: data parallelism over DCN, everything else inside.
@@ -169,11 +325,16 @@ def compile_report(cfg: Any, topology: str, num_slices: int = 1, assumed_mfu: fl
     setup = loop.plan(cfg, dataset_size=dataset_size, devices=devices)
     # Traced under the same mesh and rules as the loop, so activation constraints apply.
     with loop.mesh_context(setup.mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)):
-        lowered = setup.step_fn.lower(setup.abstract_state, setup.abstract_batch())
-    hbm = (hbm_gib if hbm_gib is not None else HBM_GIB[topo.chip]) * GiB
+        lowered = setup.step_fn.lower(setup.abstract_state, abstract_batch(setup))
+    chip = CHIPS[topo.chip]
+    hbm = (hbm_gib if hbm_gib is not None else chip.hbm_gib) * GiB
     chips = topo.chips * num_slices
-    peak = flops_lib.PEAK_FLOPS[topo.chip]
+    peak = chip.peak_flops
     lm = setup.model.cfg.language
+    flops_stage, flops_what = model_flops(setup)
+    if getattr(get_stage(cfg.stage), "make_rollout", None) is not None:
+        notes.append(f"{cfg.stage}: the update step only; the rollout (KV-cache sampling and "
+                     "scoring, train/rollout.py) is a separate program, not compiled here")
     report: dict[str, Any] = {
         "topology": topology, "libtpu_topology": topo.libtpu_name, "chip": topo.chip,
         "chips_per_slice": topo.chips, "num_slices": num_slices, "chips": chips,
@@ -182,14 +343,18 @@ def compile_report(cfg: Any, topology: str, num_slices: int = 1, assumed_mfu: fl
         "grad_accum": cfg.train.grad_accum, "dtype": lm.dtype, "param_dtype": lm.param_dtype,
         "remat_policy": lm.remat_policy, "scan_layers": lm.scan_layers,
         "hbm_bytes": hbm, "memory": None, "fits": False, "error": None, "notes": notes,
-        "flops_model": setup.flops_per_step, "flops_xla_per_chip": None, "flops_xla": None,
+        "flops_model": setup.flops_per_step, "flops_model_stage": flops_stage,
+        "flops_model_stage_counts": flops_what, "flops_xla_per_chip": None, "flops_xla": None,
         "peak_flops_per_chip": peak, "assumed_mfu": assumed_mfu,
-        "step_seconds": setup.flops_per_step / (chips * peak * assumed_mfu),
+        "step_seconds": flops_stage / (chips * peak * assumed_mfu),
+        "chip_spec": dataclasses.asdict(chip), "collectives": None,
+        "hlo_flops_per_chip": None, "hbm_bytes_per_chip": None, "hlo_loops": None,
+        "roofline": None,
     }
     report["tokens_per_second_per_chip"] = (cfg.data.batch_size * cfg.data.seq_len
                                             / report["step_seconds"] / chips)
     try:
-        compiled = lowered.compile()
+        compiled, hlo_text = compile_with_hlo(lowered)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -218,11 +383,80 @@ def compile_report(cfg: Any, topology: str, num_slices: int = 1, assumed_mfu: fl
     if cost and cost.get("flops"):
         report["flops_xla_per_chip"] = float(cost["flops"])
         report["flops_xla"] = float(cost["flops"]) * chips
+    # Program device ids are positions in the mesh's device order.
+    slice_of = ([d.slice_index for d in setup.mesh.devices.flat] if num_slices > 1 else None)
+    stats = hlo_stats.analyze(hlo_text, slice_of)
+    report.update(collectives=stats["collectives"], hlo_flops_per_chip=stats["flops"],
+                  hbm_bytes_per_chip=stats["hbm_bytes"], hlo_loops=stats["loops"])
+    notes += stats["notes"]
+    wire = [c["wire_bytes"] for c in stats["collectives"].values()]
+    dcn = sum(c["dcn_wire_bytes"] for c in stats["collectives"].values())
+    report["roofline"] = roofline(chip, stats["flops"], stats["hbm_bytes"], sum(wire) - dcn,
+                                  dcn, flops_stage, chips)
     return report
 
 
 def _gib(x: float | None) -> str:
     return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def _gib3(x: float) -> str:
+    """GiB to three significant figures, without an exponent."""
+    g = x / GiB
+    return f"{g:.0f}" if g >= 100 else f"{g:.2f}" if g >= 1 else f"{g:.3g}"
+
+
+def _time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s "
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3f} us"
+
+
+def _link(c: dict[str, float]) -> str:
+    if not c["wire_bytes"]:
+        return "-"
+    if not c["dcn_wire_bytes"]:
+        return "ICI"
+    return "DCN" if c["dcn_wire_bytes"] >= c["wire_bytes"] else "ICI+DCN"
+
+
+def _collective_lines(collectives: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["collectives per step, per chip (optimized HLO; wire: bytes each chip sends, ring)",
+             f"  {'kind':<20}{'count':>8}{'GiB':>10}{'wire GiB':>10}  link"]
+    for kind in hlo_stats.KINDS:
+        c = collectives.get(kind)
+        if c is None:
+            lines.append(f"  {kind:<20}{0:>8}{'-':>10}{'-':>10}  -")
+            continue
+        lines.append(f"  {kind:<20}{c['count']:>8.0f}{_gib3(c['bytes']):>10}"
+                     f"{_gib3(c['wire_bytes']):>10}  {_link(c)}")
+    total = {k: sum(c[k] for c in collectives.values())
+             for k in ("count", "bytes", "wire_bytes", "dcn_wire_bytes")}
+    lines.append(f"  {'total':<20}{total['count']:>8.0f}{_gib3(total['bytes']):>10}"
+                 f"{_gib3(total['wire_bytes']):>10}  {_link(total) if collectives else '-'}")
+    return lines
+
+
+def _roofline_lines(r: dict[str, Any]) -> list[str]:
+    f, c = r["roofline"], r["chip_spec"]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    return [
+        f"roofline per chip ({r['chip']}: {c['peak_flops'] / 1e12:.0f} TFLOP/s bf16, HBM "
+        f"{c['hbm_bytes_per_s'] / 1e9:.0f} GB/s, ICI {c['ici_bytes_per_s'] / 1e9:.0f} GB/s "
+        f"each way, DCN {c['dcn_bytes_per_s'] / 1e9:.2f} GB/s)",
+        f"  compute           {_time(f['compute_s']):>12}  HLO FLOPs / peak",
+        f"  memory            {_time(f['memory_s']):>12}  HBM traffic "
+        f"~{_gib3(r['hbm_bytes_per_chip'])} GiB (estimate: fusion boundaries) / bandwidth",
+        f"  collectives       {_time(f['collective_s']):>12}  wire bytes / ICI bandwidth"
+        + (f" ({_time(f['dcn_s']).strip()} of it over DCN)" if f["dcn_s"] else ""),
+        f"  predicted step    {_time(f['step_s']):>12}  max(compute, memory) + collectives, "
+        f"none overlapped: MFU {pct(f['mfu'])}",
+        f"  lower bound       {_time(f['step_s_overlapped']):>12}  max(compute, memory, "
+        f"collectives), all overlapped: MFU {pct(f['mfu_overlapped'])}; {f['bound']}-bound",
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -257,10 +491,21 @@ def format_report(report: dict[str, Any]) -> str:
     if r["error"]:
         lines.append(f"  compiler             {r['error']}")
     lines.append("FLOPs per step")
-    lines.append(f"  model (6ND + attn)   {r['flops_model']:.3e}")
+    lines.append(f"  model (6ND + attn)   {r['flops_model_stage']:.3e}  "
+                 f"({r['flops_model_stage_counts']})")
+    chips = r["chips"]
+    if r["hlo_flops_per_chip"] is not None:
+        ratio = r["hlo_flops_per_chip"] * chips / r["flops_model_stage"]
+        lines.append(f"  optimized HLO        {r['hlo_flops_per_chip'] * chips:.3e}  "
+                     f"({r['hlo_flops_per_chip']:.3e} per chip: matmuls, loops multiplied out; "
+                     f"{ratio:.2f}x the model's)")
     if r["flops_xla"] is not None:
         lines.append(f"  XLA cost analysis    {r['flops_xla']:.3e}  ({r['flops_xla_per_chip']:.3e}"
                      " per chip; a scanned layer's body is counted once)")
+    if r["collectives"] is not None:
+        lines += _collective_lines(r["collectives"])
+    if r["roofline"] is not None:
+        lines += _roofline_lines(r)
     lines.append(f"implied step time at {100 * r['assumed_mfu']:.0f}% MFU "
                  f"({r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s per chip): "
                  f"{r['step_seconds']:.2f} s, "

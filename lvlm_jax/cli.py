@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import sys
@@ -44,12 +45,18 @@ def parser() -> argparse.ArgumentParser:
     _add_config(ev)
     ev.add_argument("--workdir", required=True, help="the training workdir")
     ev.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    c = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology")
+    c = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory, "
+                                       "collectives, roofline step time and MFU")
     _add_config(c)
     c.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-256, v6e-64, v5p:4x4x4")
     c.add_argument("--num_slices", type=int, default=1)
     c.add_argument("--assumed_mfu", type=float, default=0.5,
                    help="the MFU used to turn FLOPs into an implied step time")
+    c.add_argument("--stages", default=None,
+                   help="comma-separated stages to compile with this config, one report each "
+                        "(e.g. pretrain,sft,dpo,ppo); default: the config's own stage")
+    c.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the reports (a list, one per stage) as JSON")
     e = sub.add_parser("export", help="a training workdir -> params-only or HF folder")
     e.add_argument("--checkpoint", required=True, help="the training workdir")
     e.add_argument("--format", default="hf", choices=("hf", "params"))
@@ -247,10 +254,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
             from lvlm_jax import aot
 
-            report = aot.compile_report(cfg, args.topology, num_slices=args.num_slices,
-                                        assumed_mfu=args.assumed_mfu)
-            print(aot.format_report(report))
-            return 0 if report["fits"] else 1
+            stages = aot.parse_stages(args.stages or cfg.stage)  # a typo fails before compiling
+            aot.parse_topology(args.topology)
+            reports = []
+            for stage in stages:
+                reports.append(aot.compile_report(cfg, args.topology, num_slices=args.num_slices,
+                                                  assumed_mfu=args.assumed_mfu, stage=stage))
+                print(("\n" if len(reports) > 1 else "") + aot.format_report(reports[-1]),
+                      flush=True)
+            if args.json:
+                os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+                with open(args.json, "w") as f:
+                    json.dump(reports, f, indent=1)
+            return 0 if all(r["fits"] for r in reports) else 1
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lvlm {args.command}: {msg}", file=sys.stderr)
