@@ -265,6 +265,29 @@ def maybe_remat(block_cls: type[nn.Module], policy_name: str, scanned: bool) -> 
     return nn.remat(block_cls, policy=remat_policy(policy_name), prevent_cse=not scanned)
 
 
+_ACTIVATION_MESH = contextvars.ContextVar("lvlm_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Any):
+    """The mesh `constrain` places activations on while tracing inside (loop.mesh_context)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
 def constrain(x: Array, names: Sequence[str | None]) -> Array:
-    """Logical sharding constraint on an activation (a no-op outside a mesh / rules context)."""
-    return nn.with_logical_constraint(x, tuple(names))
+    """Logical sharding constraint on an activation, under `activation_mesh` and flax's logical
+    axis rules; a no-op outside them.
+
+    Not flax's with_logical_constraint: that applies only under jax.set_mesh (an abstract mesh),
+    which would also constrain flax's scanned parameter slices, and is a silent no-op under the
+    `with mesh:` context the loop traces in. Every activation constraint was dropped that way
+    (bench/results/sharding_audit.md)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or not nn.get_logical_axis_rules():
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(names))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

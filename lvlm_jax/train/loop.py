@@ -21,7 +21,7 @@ import numpy as np
 
 from lvlm_jax import config as config_lib
 from lvlm_jax import sharding
-from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
+from lvlm_jax.models import VLM, build_model, dummy_inputs, layers, vlm_config
 from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import lora as lora_lib
 from lvlm_jax.train import progress as progress_lib
@@ -89,15 +89,14 @@ def optimizer_config(cfg) -> dict:
 
 @contextlib.contextmanager
 def mesh_context(mesh):
-    """The mesh as the ambient one for flax's logical activation constraints.
-
-    flax's logical constraints resolve against the legacy `with mesh:` context; under
-    jax.set_mesh they are also applied to scanned parameter slices, which fails.
+    """The mesh as the ambient one while tracing: the legacy `with mesh:` context (bare
+    PartitionSpecs), and the mesh `layers.constrain` puts activations on. Not jax.set_mesh:
+    under it flax constrains its scanned parameter slices too, which fails.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*context manager has been deprecated",
                                 category=DeprecationWarning)
-        with mesh:
+        with mesh, layers.activation_mesh(mesh):
             yield
 
 
