@@ -216,17 +216,18 @@ def abstract_batch(setup: loop.Setup) -> dict[str, jax.ShapeDtypeStruct]:
 
 def model_flops(setup: loop.Setup) -> tuple[float, str]:
     """Model FLOPs of one step of setup's stage (6ND + attention per sequence, the vision tower
-    2ND when frozen) and what they count. plan()'s figure is one sequence of seq_len per
-    example; a preference pair is two, a reference model adds a forward (2ND of 6ND), and a
-    rollout stage's sequences are the prompt plus the response."""
+    2ND and the decoder 4ND when frozen) and what they count. plan()'s figure is one sequence
+    of seq_len per example; a preference pair is two, a reference model adds a forward (2ND of
+    6ND), and a rollout stage's sequences are the prompt plus the response."""
     cfg, stage = setup.cfg, get_stage(setup.cfg.stage)
     params = setup.abstract_state.params
-    trains_vision = any(jax.tree.leaves(
-        trainable_mask(params, loop.optimizer_config(cfg)).get("vision", {})))
+    trainable = trainable_mask(params, loop.optimizer_config(cfg))
+    trains_vision = any(jax.tree.leaves(trainable.get("vision", {})))
+    trains_lm = any(jax.tree.leaves(trainable.get("decoder", {})))
 
     def per_sequence(seq_len: int) -> float:
         return flops_lib.train_flops_per_example(setup.model.cfg, params, seq_len,
-                                                 cfg.data.max_images, trains_vision)
+                                                 cfg.data.max_images, trains_vision, trains_lm)
 
     if getattr(stage, "make_rollout", None) is not None:
         rows, n = _rollout_shape(cfg)

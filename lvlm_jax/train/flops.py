@@ -53,9 +53,12 @@ def _matmul_params(params: Any, prefix: str) -> int:
 
 
 def train_flops_per_example(cfg: Any, params: Any, seq_len: int, images: int,
-                            trainable_vision: bool = False) -> float:
+                            trainable_vision: bool = False, trainable_language: bool = True
+                            ) -> float:
     """6 x matmul params x tokens (+ attention) for the decoder and connector; the vision tower
-    counts 2x (forward only) when frozen, 6x when trained. Follows the PaLM/MaxText convention."""
+    counts 2x (forward only) when frozen, 6x when trained; a frozen decoder 4x (its forward and
+    the input gradient that reaches the connector, no weight gradient). Follows the
+    PaLM/MaxText convention."""
     params = params.get("params", params)
     v, lm = cfg.vision, cfg.decoder_config
     patches = v.grid ** 2 + (1 if v.cls_token else 0)
@@ -66,8 +69,9 @@ def train_flops_per_example(cfg: Any, params: Any, seq_len: int, images: int,
     lm_matmul = _matmul_params(params, "decoder/")
     if lm.tie_embeddings:
         lm_matmul += lm.vocab_size * lm.embed_dim
-    decoder = 6 * lm_matmul * seq_len
-    decoder += 6 * 2 * lm.num_layers * seq_len * seq_len * lm.num_heads * lm.resolved_head_dim
+    lm_mult = 6 if trainable_language else 4
+    decoder = lm_mult * lm_matmul * seq_len
+    decoder += lm_mult * 2 * lm.num_layers * seq_len * seq_len * lm.num_heads * lm.resolved_head_dim
     return float(vision + connector + decoder)
 
 

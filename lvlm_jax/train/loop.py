@@ -162,8 +162,10 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     step_fn = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     trains_vision = any(jax.tree.leaves(trainable.get("vision", {})))
+    trains_lm = any(jax.tree.leaves(trainable.get("decoder", {})))
     flops = cfg.data.batch_size * flops_lib.train_flops_per_example(
-        model_cfg, abstract_params, cfg.data.seq_len, cfg.data.max_images, trains_vision)
+        model_cfg, abstract_params, cfg.data.seq_len, cfg.data.max_images, trains_vision,
+        trains_lm)
     jit_init = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, abstract_state, state_shardings, batch_shardings,
                  jit_init, step_fn, schedule, steps, flops, model_cfg=model_cfg)
