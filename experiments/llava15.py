@@ -14,15 +14,17 @@
         --config.checkpoint.init_from=DIR/stage1
     lvlm export --checkpoint=DIR/stage2_lora --format=hf --out=DIR/llava15_7b_lora_merged
     lvlm compile --config=experiments/llava15.py:7b --topology=v5p-64
-    lvlm compile --config=experiments/llava15.py:7b --topology=v5e-256 --config.mesh.ici.tensor=16
+    lvlm compile --config=experiments/llava15.py:7b --topology=v5e-256 --config.mesh.ici.tensor=2
     lvlm train --config=experiments/llava15.py:tiny --workdir=/tmp/llava15_tiny
 
 `:tiny` takes ~25 s on 2 CPU cores (50 steps on synthetic data): loss 6.2 -> ~1.4 for `:tiny`,
 6.6 -> ~5.4 for `:tiny_pretrain`, where only the projector trains.
 
 Per-chip memory of the 7B step (bench/results/tpu_aot_report.txt, as configured: FSDP, full
-remat, bf16 compute): v5p-64 at batch 256, 29.8 of 95 GiB; v5e-256 at batch 128, 7.3 of 16 GiB
-with fsdp=16 x tensor=16 (128 rows cannot split over 256 chips of pure FSDP).
+remat, bf16 compute): v5p-64 at batch 256, 16.9 of 95 GiB, predicted 2.3 s a step (67% MFU);
+v5e-256 at batch 128 with fsdp=128 x tensor=2 (128 rows cannot split over 256 chips of pure
+FSDP), 1.6 of 16 GiB, 0.50 s (45% MFU). Collectives and the sharding audit:
+bench/results/sharding_audit.md.
 
 Shards come from `lvlm data convert --format=captions` (stage 1, LAION/CC/SBU 558K BLIP
 captions) and `--format=llava` (stage 2, llava_v1_5_mix665k.json). Both towers start from
