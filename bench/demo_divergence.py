@@ -30,7 +30,9 @@ VARIANTS = (
     ("ISA capped at SSE4_2", "--xla_cpu_max_isa=SSE4_2", None, ()),
     ("another seed (1)", "", None, ("--config.seed=1",)),
 )
-QUICK = ("default", "ISA capped at SSE4_2", "another seed (1)")
+# --quick (the test suite's run): the default and another seed, whose losses must differ from
+# step 1 on: the comparison works, in two processes instead of five.
+QUICK = ("default", "another seed (1)")
 
 
 def run(stage: str, steps: int, workdir: str, flags: str, cpus: str | None,
