@@ -22,7 +22,7 @@ import numpy as np
 from data_pipelines.images import prepare_image
 from data_pipelines.templates import IMAGE_MARK, end_of_turn_ids, get_template, render
 from lvlm_jax.generate import generate_tokens, left_pad, params_platform
-from lvlm_jax.train.stages.base import normalize_pixels
+from lvlm_jax.models.vlm import normalize_pixels
 
 # Prompts are left-padded to a multiple of this, so that a chat's growing history (or a batch of
 # one-off prompts of similar length) reuses one compiled decode instead of compiling per length.

@@ -15,6 +15,19 @@ import sys
 from collections.abc import Sequence
 
 
+def _eval_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`lvlm eval`'s --tasks, --data_dir and --limit as config overrides."""
+    out = []
+    if args.tasks is not None:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        out.append(("evals.tasks", repr(tuple(names))))
+    if args.data_dir is not None:
+        out.append(("evals.data_dir", args.data_dir))
+    if args.limit is not None:
+        out.append(("evals.num_examples", str(args.limit)))
+    return out
+
+
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required,
                    help="experiments/FILE.py[:ARG]; override fields with --config.a.b=value")
@@ -45,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     _add_config(ev)
     ev.add_argument("--workdir", required=True, help="the training workdir")
     ev.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    ev.add_argument("--tasks", default=None,
+                    help="comma-separated tasks (evals.tasks), e.g. docvqa,chartqa,mmbench")
+    ev.add_argument("--data_dir", default=None,
+                    help="the benchmarks' released files, each in DATA_DIR/<task>/ "
+                         "(evals.data_dir)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="examples per task (evals.num_examples); 0: every one")
     c = sub.add_parser("compile", help="AOT-compile the train step for a TPU topology: memory, "
                                        "collectives, roofline step time and MFU")
     _add_config(c)
@@ -236,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(summarize.summarize_dirs(args.dirs, args.out, args.sort_by))
             return 0
+        if args.command == "eval":
+            overrides = [*overrides, *_eval_overrides(args)]
         cfg = config_lib.load(args.config, overrides)
         if args.command == "train":
             maybe_initialize_distributed(args)
@@ -244,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.train(cfg, args.workdir)
             return 0
         if args.command == "eval":
-            from lvlm_jax.evals.run import evaluate_checkpoint, format_summary
+            from lvlm_jax.evaluate import evaluate_checkpoint, format_summary
 
             step, figures = evaluate_checkpoint(cfg, args.workdir, args.step)
             print(format_summary(step, figures, args.workdir))

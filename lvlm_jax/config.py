@@ -111,10 +111,20 @@ def base_config() -> ConfigDict:
     })
     c.evals = ConfigDict({
         # evaluators (lvlm_jax/evals/evaluators.py): eval_loss, vqa, caption, pope, chair,
-        # multiple_choice; run every N steps and at the end (0: never) and by `lvlm eval`
+        # multiple_choice, and the released benchmarks of lvlm_jax/evals/benchmarks/ (vqav2,
+        # textvqa, docvqa, infovqa, chartqa, scienceqa, mmbench, mmmu, pope, coco_captions),
+        # read from data_dir/<task>/; run every N steps and at the end (0: never) and by
+        # `lvlm eval`
         "tasks": ("eval_loss",),
         "every_steps": 0,
-        "num_examples": 256,  # per task (POPE: split over its three splits)
+        "num_examples": 256,  # per task (POPE: split over its three splits); 0: every one
+        "data_dir": "",  # the benchmarks' released files, each in DATA_DIR/<task>/
+        # a benchmark's prompt template ({question}, {options}, ... of its records); empty:
+        # the one its paper's eval used (lvlm_jax/evals/benchmarks/<task>.py)
+        "prompts": {name: "" for name in (
+            "vqav2", "textvqa", "docvqa", "infovqa", "chartqa", "scienceqa", "mmbench", "mmmu",
+            "pope", "coco_captions")},
+        "benchmark_max_new_tokens": 0,  # 0: each benchmark's own
         "max_new_tokens": 16,
         "batch_size": 32,
         "num_rendered": 4,  # examples per task drawn into TensorBoard images

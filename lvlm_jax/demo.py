@@ -21,8 +21,9 @@ from data_pipelines.synthetic import SyntheticShapes
 from lvlm_jax import config as config_lib
 from lvlm_jax import demo_plots, demo_report
 from lvlm_jax.evals.evaluators import chair_eval, pope_eval
-from lvlm_jax.evals.runners import eval_loss, sampled_reward, vqa_exact_match
+from lvlm_jax.evals.runners import sampled_reward, vqa_exact_match
 from lvlm_jax.train import input_pipeline, loop
+from lvlm_jax.train.periodic_evals import eval_loss
 from lvlm_jax.train.stages import LossContext, get_stage
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

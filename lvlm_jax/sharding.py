@@ -9,7 +9,9 @@ that array and divides its size, and is replicated when none does (the fallback)
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -220,3 +222,18 @@ def shardings_following_params(tree: Any, abstract_params: Any, param_shardings:
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """The mesh as the ambient one while tracing: the legacy `with mesh:` context (bare
+    PartitionSpecs), and the mesh `layers.constrain` puts activations on. Not jax.set_mesh:
+    under it flax constrains its scanned parameter slices too, which fails.
+    """
+    from lvlm_jax.models import layers  # the models import nothing of this module's users
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*context manager has been deprecated",
+                                category=DeprecationWarning)
+        with mesh, layers.activation_mesh(mesh):
+            yield

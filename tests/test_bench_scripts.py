@@ -95,3 +95,22 @@ def test_gpu_bench_scripts_run_tiny_on_cpu(script):
         assert re.search(r"gpu_rollout\[scanned decoder\]: generate \d+ ms \((\d+) tokens/s\)",
                          out), out
         assert out.strip().endswith("same tokens: True"), out
+
+
+def test_eval_throughput_bench_runs_quick():
+    from xla_env import cpu_env
+
+    # Compiled with the suite's fast flags: what is checked is that the script runs `lvlm eval`
+    # at both batch sizes and prints its figures, not the figures themselves.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "eval_throughput.py"), "--quick",
+         "--examples=8", "--batch=4", "--new_tokens=4", "--no_breakdown"],
+        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    for batch, line in zip((1, 4), lines[-3:-1], strict=True):
+        m = re.match(rf"eval_throughput: batch {batch}: (\d+\.\d) examples/s end to end "
+                     r"\((\d+\.\d) s for 8, compiling \d+ programs", line)
+        assert m and float(m.group(1)) == pytest.approx(8 / float(m.group(2)), rel=0.1), line
+    assert re.match(r"eval_throughput: batch 4 / batch 1 = \d+\.\dx examples/s end to end, "
+                    r"\d+\.\dx generating and scoring .*same answers: True", lines[-1]), lines[-1]

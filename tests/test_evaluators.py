@@ -21,7 +21,7 @@ from lvlm_jax import config as config_lib
 from lvlm_jax.evals import evaluators as ev
 from lvlm_jax.evals import metrics
 from lvlm_jax.evals.model_runner import ModelRunner
-from lvlm_jax.evals.run import checkpoint_steps
+from lvlm_jax.evaluate import checkpoint_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "experiments", "demo.py")
@@ -238,6 +238,26 @@ def test_batched_generation_equals_one_prompt_at_a_time(random_runner):
     assert any(batched)  # random weights still say something
 
 
+def test_generation_sharded_over_the_mesh_batch_axes_gives_the_same_answers(random_runner):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lvlm_jax import sharding
+
+    runner, records = random_runner
+    mesh = sharding.make_mesh({"ici": {"data": 2, "fsdp": 4}})
+    params = jax.device_put(runner.params, NamedSharding(mesh, PartitionSpec()))
+    sharded = ModelRunner(**{**runner.__dict__, "params": params, "mesh": mesh, "batch_size": 6})
+    images, prompts = [r["image"] for r in records], [r["question"] for r in records]
+    # 5 prompts at batch_size 6 on 8 batch shards: one batch of 8 rows, one row per device.
+    assert sharded._batch_size(len(prompts)) == 8
+    ids = sharded._put(np.zeros((8, 16), np.int32))
+    assert ids.sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert len({s.device for s in ids.addressable_shards}) == 8
+    with sharding.mesh_context(mesh):
+        answers = sharded.generate(images, prompts, max_new_tokens=4)
+    assert answers == runner.generate(images, prompts, max_new_tokens=4)
+
+
 def test_sampled_generation_repeats_with_its_seed_and_differs_from_greedy(random_runner):
     # The demo's sampled CHAIR compares two params on the same random numbers: same seed, same
     # answers; another seed (or greedy) gives others.
@@ -341,6 +361,10 @@ def test_training_writes_eval_results_at_the_configured_steps(trained):
         with open(f"{out}/summary.json") as f:
             summary = json.load(f)
         assert summary["step"] == step
+        rows = summary.pop("tasks")  # one row a task: what was scored, skipped, how long
+        assert [(r["task"], r["examples"], r["skipped"]) for r in rows] == [
+            ("eval_loss", 0, {}), ("vqa", 6, {}), ("pope", 6, {})]
+        assert rows[1]["vqa_accuracy"] == summary["vqa_accuracy"] and rows[2]["seconds"] > 0
         assert summary["vqa_accuracy"] == pytest.approx(np.mean([e["accuracy"] for e in vqa]))
         assert summary["pope_accuracy"] == pytest.approx(np.mean([e["correct"] for e in pope]))
         logged = [m for m in read_metrics(workdir) if m["step"] == step and "vqa_accuracy" in m]
@@ -376,6 +400,7 @@ def test_lvlm_eval_reproduces_the_training_time_results_and_prints_them(trained)
     assert [e["prediction"] for e in _jsonl(os.path.join(workdir, "eval", "step_3",
                                                          "vqa.jsonl"))] == [
         e["prediction"] for e in before]
+    assert summary.pop("tasks")[1]["examples"] == trained_summary.pop("tasks")[1]["examples"]
     assert summary == pytest.approx(trained_summary, rel=1e-4)
     assert "eval at step 3" in printed
     for key in ("eval_loss", "vqa_accuracy", "pope_f1"):
@@ -383,7 +408,8 @@ def test_lvlm_eval_reproduces_the_training_time_results_and_prints_them(trained)
 
 
 @pytest.mark.parametrize("case", ["unknown_task", "missing_workdir", "no_checkpoint",
-                                  "missing_step"])
+                                  "missing_step", "missing_benchmark_files",
+                                  "benchmark_without_data_dir"])
 def test_lvlm_eval_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path, capsys, case):
     workdir, overrides = trained
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -394,6 +420,13 @@ def test_lvlm_eval_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path, c
         workdir, message = str(tmp_path / "nope"), "does not exist"
     elif case == "no_checkpoint":
         workdir, message = str(tmp_path), "holds no checkpoint"
+    elif case == "missing_benchmark_files":
+        os.makedirs(tmp_path / "docvqa")
+        flags += ["--tasks=vqa,docvqa", f"--data_dir={tmp_path}"]
+        message = "docvqa: " + repr(str(tmp_path / "docvqa")) + " has none of val_v1.0_withQT.json"
+    elif case == "benchmark_without_data_dir":
+        flags.append("--tasks=chartqa")
+        message = "eval task 'chartqa' reads the benchmark's released files: set evals.data_dir"
     else:
         flags.append("--step=2")
         message = "has no checkpoint of step 2; it has steps 3"
@@ -401,3 +434,110 @@ def test_lvlm_eval_bad_input_fails_with_one_line_and_exit_2(trained, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("lvlm eval: ") and message in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# The released benchmarks through `lvlm eval`
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lvlm_eval_reads_every_released_benchmark_and_writes_one_row_each(trained, tmp_path,
+                                                                         capsys):
+    import shutil
+
+    from benchmark_files import write_benchmark_files
+
+    from lvlm_jax.evals.benchmarks import BENCHMARKS
+
+    source, overrides = trained
+    workdir = str(tmp_path / "run")  # a copy: the tests above read the run's own results
+    shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("eval", "tb"))
+    data_dir = str(tmp_path / "benchmarks")
+    expected = write_benchmark_files(data_dir)
+    # A file the annotation names that is not an image: its question is left out and counted.
+    broken = BENCHMARKS["docvqa"].read(os.path.join(data_dir, "docvqa"), 0).records[0]["image"]
+    with open(broken, "wb") as f:
+        f.write(b"not an image")
+    n, skipped = expected["docvqa"]
+    expected["docvqa"] = (n - 1, {**skipped, "unreadable image": 1})
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    code = cli.main(["eval", f"--config={DEMO}:sft", f"--workdir={workdir}",
+                     f"--tasks={','.join(BENCHMARKS)}", f"--data_dir={data_dir}", "--limit=0",
+                     "--config.evals.benchmark_max_new_tokens=3", *flags])
+    printed = capsys.readouterr().out
+    assert code == 0
+    out = os.path.join(workdir, "eval", "step_3")
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    rows = {r["task"]: r for r in summary["tasks"]}
+    assert list(rows) == list(BENCHMARKS)
+    for name, (count, reasons) in expected.items():
+        if name not in rows:
+            continue  # a variant of a task's layout (the readers' own tests read it)
+        assert (rows[name]["examples"], rows[name]["skipped"]) == (count, reasons), name
+        examples = _jsonl(os.path.join(out, f"{name}.jsonl"))
+        assert len(examples) == count and all("prediction" in e for e in examples)
+        figures = {k: v for k, v in rows[name].items() if k.startswith(f"{name}_")}
+        assert figures and all(summary[k] == v and 0.0 <= v <= 1.0 or "cider" in k
+                               for k, v in figures.items()), (name, figures)
+        assert f"{name}: {count} examples" in printed
+    # The prompt each task asked is its benchmark's template applied to the record.
+    docvqa = _jsonl(os.path.join(out, "docvqa.jsonl"))
+    assert docvqa[0]["question"] and "prediction" in docvqa[0]
+
+
+def test_a_benchmark_runs_every_n_steps_in_training_like_in_lvlm_eval(random_runner, tmp_path):
+    # The loop's periodic evaluator is the same EvalSuite: a benchmark named in evals.tasks with
+    # evals.data_dir is read once, then scored on the live params at each eval step.
+    import types
+
+    from benchmark_files import write_benchmark_files
+
+    from lvlm_jax.train.metrics_writer import MetricsWriter
+    from lvlm_jax.train.periodic_evals import make_evaluator
+
+    runner, _ = random_runner
+    data_dir = str(tmp_path / "benchmarks")
+    count, skipped = write_benchmark_files(data_dir)["chartqa"]
+    cfg, _ = small_config(evals__tasks="('chartqa',)", evals__data_dir=data_dir,
+                          evals__num_examples="0", evals__benchmark_max_new_tokens="3")
+    writer = MetricsWriter(str(tmp_path / "run"))
+    try:
+        evaluate = make_evaluator(cfg, runner.model, str(tmp_path / "run"), writer)
+        figures = evaluate(types.SimpleNamespace(params=runner.params), 7)
+    finally:
+        writer.close()
+    with open(tmp_path / "run" / "eval" / "step_7" / "summary.json") as f:
+        (row,) = json.load(f)["tasks"]
+    assert (row["task"], row["examples"], row["skipped"]) == ("chartqa", count, skipped)
+    assert set(figures) == {"chartqa_relaxed_accuracy", "chartqa_human_relaxed_accuracy",
+                            "chartqa_augmented_relaxed_accuracy"}
+
+
+def test_the_config_has_a_prompt_slot_for_every_benchmark():
+    from lvlm_jax.evals.benchmarks import BENCHMARKS
+
+    cfg, _ = small_config()
+    assert sorted(cfg.evals.prompts) == sorted(BENCHMARKS)
+    assert set(ev.all_tasks()) == set(ev.TASKS) | set(BENCHMARKS)
+
+
+def test_a_configured_prompt_template_replaces_the_benchmarks_own(tmp_path):
+    from benchmark_files import write_benchmark_files
+
+    from lvlm_jax.evals.benchmarks import BENCHMARKS
+
+    data_dir = str(tmp_path)
+    count, _ = write_benchmark_files(data_dir)["docvqa"]
+    asked = {}
+    for template in ("", "Q: {question} A:"):
+        (evaluator,) = _evaluators(evals__tasks="('docvqa',)", evals__data_dir=data_dir,
+                                   evals__prompts__docvqa=template, evals__num_examples="0")
+        runner = ScriptedRunner([evaluator.records[0]["answers"][0]] + ["?"] * (count - 1))
+        summary, _ = evaluator.evaluate(runner)
+        assert summary["docvqa_anls"] == pytest.approx(1 / count)  # one exact answer of count
+        asked[template] = runner.prompts
+    records = evaluator.records
+    assert asked[""] == [BENCHMARKS["docvqa"].render_prompt(r) for r in records]
+    assert asked["Q: {question} A:"] == [f"Q: {r['question']} A:" for r in records]
+    assert asked[""] != asked["Q: {question} A:"]

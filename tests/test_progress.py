@@ -7,8 +7,8 @@ import jax
 from tqdm import tqdm
 from training_utils import random_batches, tiny_config
 
+from lvlm_jax import progress as progress_lib
 from lvlm_jax.train import loop
-from lvlm_jax.train import progress as progress_lib
 
 
 class _Terminal(io.StringIO):

@@ -1,4 +1,6 @@
-"""The evaluator registry: eval_loss, vqa, caption, pope, chair and multiple_choice.
+"""The evaluator registry: vqa, caption, pope, chair and multiple_choice on the synthetic set or
+records of our format, the released benchmarks of `evals/benchmarks/` (read from
+`evals.data_dir`), and eval_loss (built by the trainer, which owns the stages' losses).
 
 Each evaluator is built from the config (`build_evaluators(cfg, model)`, the names in
 `evals.tasks`) and called as `evaluator(model, params, tokenizer)` -> (summary, per-example
@@ -9,8 +11,10 @@ functions (`score_vqa`, ...) are pure and take the predictions directly. `pope_e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -198,6 +202,8 @@ class Evaluator:
     max_new_tokens: int = 16
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra run() arguments
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelRunner fields
+    # Records the reader dropped, by reason ("missing image", "malformed entry", ...).
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def evaluate(self, runner: Any) -> Result:
         return self.run(runner, self.records, self.max_new_tokens, **self.options)
@@ -232,50 +238,99 @@ def _chair_vocabulary(cfg: Any, synthetic: bool) -> dict[str, list[str]] | None:
     return records_lib.synthetic_vocabulary() if synthetic else None  # None: COCO's 80
 
 
-def _eval_loss_evaluator(cfg: Any, model: Any) -> Evaluator:
-    """Held-out loss of the run's stage, on params with any LoRA adapters already merged."""
-    from lvlm_jax.evals.runners import eval_loss
-    from lvlm_jax.train import input_pipeline
-    from lvlm_jax.train.stages import LossContext, get_stage
+def all_tasks() -> tuple[str, ...]:
+    """Every task name evals.tasks accepts."""
+    from lvlm_jax.evals.benchmarks import BENCHMARKS
 
-    stage = get_stage(cfg.stage)
-    if getattr(stage, "uses_reference", False):
-        raise ValueError(f"eval_loss of stage {cfg.stage!r} needs the frozen reference model; "
-                         "it is logged during training (evals.every_steps) instead")
-    ctx = LossContext(model, tuple(cfg.data.image_mean), tuple(cfg.data.image_std),
-                      cfg.train.loss_chunk, config=cfg)
-    batches = input_pipeline.make_eval_batches(cfg, model.cfg)
-    run = lambda runner, records, max_new_tokens: (
-        {"eval_loss": eval_loss(ctx, stage, runner.params, batches())}, [])
-    return Evaluator("eval_loss", run)
+    return (*TASKS, *(n for n in BENCHMARKS if n not in TASKS))
 
 
 def check_tasks(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in TASKS]
+    valid = all_tasks()
+    unknown = [n for n in names if n not in valid]
     if unknown:
         raise ValueError(f"unknown eval task {unknown[0]!r} in evals.tasks; valid tasks: "
-                         f"{', '.join(TASKS)}")
+                         f"{', '.join(valid)}")
 
 
 def task_names(cfg: Any) -> tuple[str, ...]:
-    """`evals.tasks` as names ("vqa,pope" is read as two), checked against TASKS."""
+    """`evals.tasks` as names ("vqa,pope" is read as two), checked against all_tasks()."""
     tasks = cfg.evals.tasks
     names = tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
+    names = tuple(n for n in names if n)
     check_tasks(names)
     return names
 
 
-def build_evaluators(cfg: Any, model: Any, skip: Sequence[str] = ()) -> list[Evaluator]:
-    """The evaluators named by `cfg.evals.tasks` (but not in `skip`), records loaded."""
+def _is_benchmark(cfg: Any, name: str) -> bool:
+    """Whether `name` reads a released benchmark from evals.data_dir. POPE is both: the
+    synthetic probes (or evals.paths.pope) without a data_dir, the released splits with one."""
+    from lvlm_jax.evals.benchmarks import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        return False
+    return name not in TASKS or (bool(cfg.evals.get("data_dir", ""))
+                                 and not (cfg.evals.get("paths") or {}).get(name, ""))
+
+
+def run_benchmark(runner, records, max_new_tokens: int, benchmark=None, template: str = "",
+                  **_) -> Result:
+    """A released benchmark: its prompts, the model's replies, its scorer. Records whose image
+    does not decode are left out (the summary row counts them)."""
+    prompts = [benchmark.render_prompt(r, template) for r in records]
+    replies = runner.generate(_images(records), prompts, max_new_tokens,
+                              **({"skip_unreadable": True, "desc": benchmark.name}
+                                 if isinstance(runner, ModelRunner) else {}))
+    kept = [i for i, reply in enumerate(replies) if reply is not None]
+    summary, examples = benchmark.score([records[i] for i in kept], [replies[i] for i in kept])
+    for ex in examples:  # the index of the record in the evaluator's list (for rendering)
+        ex["index"] = kept[ex["index"]] if "index" in ex else None
+    return summary, examples
+
+
+def _benchmark_evaluator(cfg: Any, name: str, settings: dict[str, Any]) -> Evaluator:
+    from lvlm_jax.evals.benchmarks import MissingFiles, get
+
+    benchmark = get(name)
+    data_dir = cfg.evals.get("data_dir", "")
+    if not data_dir:
+        raise ValueError(f"eval task {name!r} reads the benchmark's released files: set "
+                         f"evals.data_dir=DIR (lvlm eval --data_dir=DIR) with them in DIR/{name}/")
+    task_dir = os.path.join(data_dir, name)
+    if not os.path.isdir(task_dir):
+        raise MissingFiles(f"{name}: {task_dir!r} does not exist (expected: "
+                           f"{benchmark.description or 'the released files'})")
+    loaded = benchmark.read(task_dir, int(cfg.evals.num_examples))
+    if not loaded.records:
+        reasons = ", ".join(f"{k}: {v}" for k, v in loaded.skipped.items()) or "no entries"
+        raise ValueError(f"{name}: no usable records in {task_dir!r} ({reasons})")
+    max_new = int(cfg.evals.get("benchmark_max_new_tokens", 0)) or benchmark.max_new_tokens
+    template = (cfg.evals.get("prompts") or {}).get(name, "")
+    return Evaluator(name, run_benchmark, loaded.records, max_new,
+                     {"benchmark": benchmark, "template": template}, settings, loaded.skipped)
+
+
+def build_evaluators(cfg: Any, model: Any, skip: Sequence[str] = (),
+                     extra: Sequence[Evaluator] = ()) -> list[Evaluator]:
+    """The evaluators named by `cfg.evals.tasks` (but not in `skip`), records loaded, in that
+    order. `extra`: evaluators built by the caller, used for their names (eval_loss, which
+    needs the trainer's stage losses)."""
     names = task_names(cfg)
     names = tuple(n for n in names if n not in skip)
+    given = {e.name: e for e in extra}
     settings = runner_settings(cfg, model.cfg)
     n = int(cfg.evals.num_examples)
     paths = cfg.evals.get("paths") or {}
     evaluators = []
     for name in names:
+        if name in given:
+            evaluators.append(given[name])
+            continue
         if name == "eval_loss":
-            evaluators.append(_eval_loss_evaluator(cfg, model))
+            raise ValueError("eval task 'eval_loss' is the stage's held-out loss: the trainer "
+                             "computes it (train.periodic_evals.eval_loss_evaluator)")
+        if _is_benchmark(cfg, name):
+            evaluators.append(_benchmark_evaluator(cfg, name, settings))
             continue
         path = paths.get(name, "")
         if path:

@@ -1,5 +1,6 @@
 """What evaluators ask of a model: batched greedy answers to one-image prompts, and the
-log-likelihood of candidate replies. Prompts are rendered with the run's chat template."""
+log-likelihood of candidate replies. Prompts are rendered with the run's chat template; batches
+are sharded over the mesh's batch axes when the runner has a mesh."""
 
 from __future__ import annotations
 
@@ -14,16 +15,24 @@ import numpy as np
 
 from data_pipelines.images import prepare_image
 from data_pipelines.templates import IMAGE_MARK, end_of_turn_ids, render
-from lvlm_jax.generate import generate_tokens, left_pad
-from lvlm_jax.train.stages.base import normalize_pixels
+from lvlm_jax import progress as progress_lib
+from lvlm_jax import sharding
+from lvlm_jax.generate import generate_tokens, left_pad, params_platform
+from lvlm_jax.models.vlm import with_unscanned_decoder
 
-# Prompt lengths are rounded up to a multiple of this (and batches padded to a fixed size), so an
-# eval set compiles the decode a handful of times rather than once per length.
+# Prompt lengths are rounded up to one of a few sizes (16, 32, 48, 64, then x1.5 steps), and
+# batches padded to a fixed size, so an eval set compiles the decode a handful of times rather
+# than once per length.
 LENGTH_BUCKET = 16
+# What a missing, truncated or non-image file raises when decoded.
+UNREADABLE = (OSError, ValueError, SyntaxError)
 
 
 def _bucket(n: int, cap: int) -> int:
-    return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, cap)
+    size = LENGTH_BUCKET
+    while size < n:
+        size = size + LENGTH_BUCKET if size < 4 * LENGTH_BUCKET else size * 3 // 2
+    return min(size, cap)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prefix_lm"))
@@ -56,16 +65,57 @@ class ModelRunner:
     # batch index), so two params answer the same prompts with the same random numbers.
     temperature: float = 0.0
     sample_seed: int = 0
+    # A mesh shards each batch over its batch axes (data, fsdp); None: inputs stay host arrays.
+    mesh: Any = None
+    show_progress: bool = False  # a progress bar (or a line every 10% in a log) per call
+    # Decode with the decoder's layers unrolled (models.vlm.with_unscanned_decoder); None: where
+    # the params live on CPU devices, where it decodes ~1.3x faster (eval_throughput.txt).
+    unscan_decoder: bool | None = None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys([*end_of_turn_ids(self.template, self.tokenizer),
                                     self.tokenizer.eos_id]))
 
+    def _normalize(self, prepared: np.ndarray) -> np.ndarray:
+        # On the host, in numpy: jnp would compile each elementwise op for each batch shape.
+        # The same float32 operations as normalize_pixels, so the same values.
+        x = prepared.astype(np.float32) / np.float32(255.0)
+        return (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std,
+                                                                           np.float32)
+
     def _pixels(self, images: Sequence[Any]) -> np.ndarray:
-        prepared = np.stack([prepare_image(im, self.image_size, self.image_mode)
-                             for im in images])[:, None]
-        return np.asarray(normalize_pixels(prepared, self.image_mean, self.image_std))
+        return self._normalize(np.stack([prepare_image(im, self.image_size, self.image_mode)
+                                         for im in images])[:, None])
+
+    def _readable_pixels(self, images: Sequence[Any]) -> tuple[np.ndarray, list[bool]]:
+        """Like _pixels, but an image that cannot be decoded becomes a black one, flagged."""
+        ok, prepared = [], []
+        for im in images:
+            try:
+                prepared.append(prepare_image(im, self.image_size, self.image_mode))
+                ok.append(True)
+            except UNREADABLE:
+                prepared.append(np.zeros((self.image_size, self.image_size, 3), np.uint8))
+                ok.append(False)
+        return self._normalize(np.stack(prepared)[:, None]), ok
+
+    def _batch_size(self, n: int) -> int:
+        """The fixed batch size of a call with n rows: a multiple of the mesh's batch shards."""
+        size = min(self.batch_size, n)
+        if self.mesh is not None:
+            shards = sharding.batch_axis_size(self.mesh)
+            size = -(-size // shards) * shards
+        return size
+
+    def _put(self, x: np.ndarray) -> Any:
+        """A batch array as a global array sharded over the batch axes (every process holds
+        the whole batch, so each device's slice is read from it)."""
+        if self.mesh is None:
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh, x.ndim),
+                                            lambda index: x[index])
 
     def _render(self, prompt: str, reply: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         conv = [{"from": "human", "value": f"{IMAGE_MARK}\n{prompt}"}]
@@ -75,9 +125,11 @@ class ModelRunner:
                       add_generation_prompt=reply is None)
 
     def generate(self, images: Sequence[Any], prompts: Sequence[str],
-                 max_new_tokens: int = 16) -> list[str]:
+                 max_new_tokens: int = 16, skip_unreadable: bool = False,
+                 desc: str = "") -> list[str | None]:
         """Greedy (or, with `temperature`, sampled) answers, one per (image, prompt), decoded in
-        left-padded batches."""
+        left-padded batches of similar prompt lengths. With `skip_unreadable`, a prompt whose
+        image cannot be decoded gets None instead of raising."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not prompts:
@@ -88,27 +140,60 @@ class ModelRunner:
         if longest + max_new_tokens > context:
             raise ValueError(f"an eval prompt of {longest} tokens plus max_new_tokens="
                              f"{max_new_tokens} exceeds the model's context of {context}")
-        length = _bucket(longest, context - max_new_tokens)
-        size = min(self.batch_size, len(rows))
+        # Batches of similar lengths pad little; the order depends on the prompts only, so two
+        # params answer the same batches (and, sampling, with the same random numbers).
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        size = self._batch_size(len(rows))
         stop, drop = self.stop_ids, {*self.stop_ids, self.tokenizer.image_id,
                                      self.tokenizer.pad_id}
-        answers: list[str] = []
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            ims = list(images[start:start + size])
-            n = len(chunk)
-            chunk += [chunk[0]] * (size - n)  # one batch shape: one compilation
-            ims += [ims[0]] * (size - n)
-            ids, seg = left_pad(chunk, pad_id=self.tokenizer.pad_id, length=length)
-            rng = jax.random.fold_in(jax.random.PRNGKey(self.sample_seed), start // size)
-            out = generate_tokens(self.model, self.params, ids, seg, self._pixels(ims), rng,
-                                  max_new_tokens=max_new_tokens, temperature=self.temperature,
-                                  stop_ids=stop, pad_id=self.tokenizer.pad_id,
-                                  prefix_lm=self.model.cfg.prefix_lm)
+        answers: list[str | None] = [None] * len(rows)
+        bar = progress_lib.progress(len(rows), desc=desc, unit="examples") \
+            if self.show_progress else None
+
+        def collect(out: dict, picked: list[int], n: int, ok: list[bool]) -> None:
             tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
-            for row, k in zip(tokens[:n], lengths[:n], strict=True):
-                kept = [int(t) for t in row[:int(k)] if int(t) not in drop]
-                answers.append(self.tokenizer.decode(kept).strip())
+            for r in range(n):
+                if ok[r]:
+                    kept = [int(t) for t in tokens[r, :int(lengths[r])] if int(t) not in drop]
+                    answers[picked[r]] = self.tokenizer.decode(kept).strip()
+            if bar is not None:
+                bar.update(n)
+
+        unscan = self.unscan_decoder
+        if unscan is None:
+            unscan = params_platform(self.params) == "cpu"
+        model, params = (with_unscanned_decoder(self.model, self.params) if unscan
+                         else (self.model, self.params))
+        key = jax.random.PRNGKey(self.sample_seed)
+        pending: list[tuple] = []
+        for k, start in enumerate(range(0, len(rows), size)):
+            picked = order[start:start + size]
+            n = len(picked)
+            picked += [picked[0]] * (size - n)  # one batch shape per length bucket
+            chunk = [rows[i] for i in picked]
+            length = _bucket(max(len(r) for r in chunk), context - max_new_tokens)
+            ids, seg = left_pad(chunk, pad_id=self.tokenizer.pad_id, length=length)
+            ims = [images[i] for i in picked]
+            if skip_unreadable:
+                pixels, ok = self._readable_pixels(ims)
+            else:
+                pixels, ok = self._pixels(ims), [True] * size
+            # Greedy decoding draws no random numbers: no per-batch key to make on the device.
+            rng = key if self.temperature == 0 else jax.random.fold_in(key, k)
+            out = generate_tokens(model, params, self._put(ids), self._put(seg),
+                                  self._put(pixels), rng, max_new_tokens=max_new_tokens,
+                                  temperature=self.temperature, stop_ids=stop,
+                                  pad_id=self.tokenizer.pad_id,
+                                  prefix_lm=model.cfg.prefix_lm)
+            # The device runs this batch (dispatch is asynchronous) while the host reads the
+            # previous one's answers and, next turn, prepares the following batch.
+            if pending:
+                collect(*pending.pop())
+            pending.append((out, picked, n, ok))
+        for job in pending:
+            collect(*job)
+        if bar is not None:
+            bar.close()
         return answers
 
     def reply_logprobs(self, images: Sequence[Any], prompts: Sequence[str],
@@ -125,7 +210,7 @@ class ModelRunner:
             raise ValueError(f"an eval prompt with its option has {longest} tokens, more than "
                              f"the model's context of {context}")
         length = _bucket(longest, context)
-        size = min(self.batch_size, len(flat))
+        size = self._batch_size(len(flat))
         sums: list[float] = []
         counts: list[int] = []
         for start in range(0, len(flat), size):
@@ -140,9 +225,10 @@ class ModelRunner:
             for r, (row_ids, row_mask) in enumerate(part):  # right-padded: replies line up
                 ids[r, :len(row_ids)], seg[r, :len(row_ids)] = row_ids, 1
                 mask[r, :len(row_mask)] = row_mask
-            total, weight = _reply_logprobs(self.model, self.params, ids, seg,
-                                            self._pixels([images[i] for i in idx]), mask,
-                                            self.model.cfg.prefix_lm)
+            pixels = self._pixels([images[i] for i in idx])
+            total, weight = _reply_logprobs(self.model, self.params, self._put(ids),
+                                            self._put(seg), self._put(pixels),
+                                            self._put(mask), self.model.cfg.prefix_lm)
             sums += np.asarray(total)[:n].tolist()
             counts += np.asarray(weight)[:n].astype(int).tolist()
         out: list[tuple[list[float], list[int]]] = [([], []) for _ in options]

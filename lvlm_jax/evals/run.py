@@ -2,15 +2,20 @@
 `lvlm eval`:
 
     WORKDIR/eval/step_N/TASK.jsonl    per-example results (one JSON object a line)
-    WORKDIR/eval/step_N/summary.json  {"step": N, figure: value, ...}
+    WORKDIR/eval/step_N/summary.json  {"step": N, figure: value, ..., "tasks": [one row a task:
+                                      {"task", "examples", "skipped": {reason: n}, "seconds",
+                                      its figures}]}
     metrics.jsonl + TensorBoard       the figures, and `evals.num_rendered` examples per task
                                       rendered as images (eval/TASK/K)
+
+Nothing here imports the trainer: a caller with a model, params and a tokenizer runs evaluators.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +27,6 @@ from lvlm_jax.evals.evaluators import (
     Result,
     build_evaluators,
     runner_settings,
-    task_names,
 )
 from lvlm_jax.evals.model_runner import ModelRunner
 from lvlm_jax.evals.render import render_result
@@ -38,9 +42,24 @@ def _json_default(v: Any) -> Any:
     return str(v)
 
 
+def task_row(evaluator: Evaluator | None, name: str, result: Result,
+             seconds: float = 0.0) -> dict[str, Any]:
+    """The summary row of one task: its figures, how many examples were scored and how many
+    were skipped by reason (by its reader, or for an image that would not decode)."""
+    summary, examples = result
+    skipped = dict(evaluator.skipped) if evaluator is not None else {}
+    if evaluator is not None and evaluator.records and examples:
+        unreadable = len(evaluator.records) - len(examples)
+        if unreadable > 0:
+            skipped["unreadable image"] = unreadable
+    return {"task": name, "examples": len(examples), "skipped": skipped,
+            "seconds": round(float(seconds), 3), **{k: float(v) for k, v in summary.items()}}
+
+
 def write_results(workdir: str, step: int, evaluators: Sequence[Evaluator],
                   results: Mapping[str, Result], writer: Any = None,
-                  num_rendered: int = 0) -> dict[str, float]:
+                  num_rendered: int = 0, seconds: Mapping[str, float] | None = None
+                  ) -> dict[str, float]:
     """Writes per-example JSONL and summary.json under WORKDIR/eval/step_N (process 0 only) and
     renders the first `num_rendered` examples of each task to `writer`'s TensorBoard; returns
     all tasks' figures in one flat dict."""
@@ -53,6 +72,8 @@ def write_results(workdir: str, step: int, evaluators: Sequence[Evaluator],
     os.makedirs(out, exist_ok=True)
     images = {}
     by_name = {e.name: e for e in evaluators}
+    rows = [task_row(by_name.get(name), name, result, (seconds or {}).get(name, 0.0))
+            for name, result in results.items()]
     for name, (_, examples) in results.items():
         if not examples:
             continue
@@ -64,106 +85,41 @@ def write_results(workdir: str, step: int, evaluators: Sequence[Evaluator],
             if "index" in ex and ex["index"] < len(records):
                 images[f"eval/{name}/{k}"] = render_result(records[ex["index"]], ex)
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"step": int(step), **figures}, f, indent=2)
+        json.dump({"step": int(step), **figures, "tasks": rows}, f, indent=2)
     if writer is not None and images and hasattr(writer, "write_images"):
         writer.write_images(step, images)
     return figures
 
 
 class EvalSuite:
-    """The evaluators of `cfg.evals.tasks` for one model, records loaded once."""
+    """The evaluators of `cfg.evals.tasks` for one model, records loaded once. `extra`:
+    evaluators built elsewhere (the trainer's eval_loss); `mesh`: batches are sharded over its
+    batch axes; `show_progress`: a bar per task."""
 
-    def __init__(self, cfg: Any, model: Any, tokenizer: Any = None, skip: Sequence[str] = ()):
-        from lvlm_jax.train.input_pipeline import load_tokenizer
-
+    def __init__(self, cfg: Any, model: Any, tokenizer: Any, skip: Sequence[str] = (),
+                 extra: Sequence[Evaluator] = (), mesh: Any = None,
+                 show_progress: bool = False):
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.data)
-        self.settings = runner_settings(cfg, model.cfg)
+        self.tokenizer = tokenizer
+        self.settings = {**runner_settings(cfg, model.cfg), "mesh": mesh,
+                         "show_progress": show_progress}
         self.num_rendered = int(cfg.evals.get("num_rendered", 0))
-        self.evaluators = build_evaluators(cfg, model, skip)
+        self.evaluators = build_evaluators(cfg, model, skip, extra)
+        self.seconds: dict[str, float] = {}
 
     def run(self, params: Any) -> dict[str, Result]:
         runner = ModelRunner(self.model, params, self.tokenizer, **self.settings)
-        return {e.name: e.evaluate(runner) for e in self.evaluators}
+        results = {}
+        for e in self.evaluators:
+            start = time.perf_counter()
+            results[e.name] = e.evaluate(runner)
+            self.seconds[e.name] = time.perf_counter() - start
+        return results
 
     def __call__(self, step: int, params: Any, workdir: str, writer: Any = None,
                  done: Mapping[str, Result] | None = None) -> dict[str, float]:
         """Runs every evaluator and writes the results of `step`, with those of tasks `done`
         elsewhere (the loop's eval_loss); returns the figures. `params`: LoRA merged."""
         results = {**(done or {}), **self.run(params)}
-        return write_results(workdir, step, self.evaluators, results, writer, self.num_rendered)
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    from lvlm_jax.checkpoints.manager import checkpoint_dir
-
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return []
-    # Orbax renames a step's folder to its bare number only once the save is complete.
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
-def _restore_params(workdir: str, abstract_state: Any, step: int) -> Any:
-    """The params of a step, placed on this run's mesh. The whole state is read onto its
-    abstract shardings, as a resumed run reads it: orbax refuses a target-less restore of a
-    checkpoint saved on another device topology, and a state-only restore is all or nothing."""
-    import orbax.checkpoint as ocp
-
-    from lvlm_jax.checkpoints.manager import checkpoint_dir
-
-    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data")) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"].params
-
-
-def evaluate_checkpoint(cfg: Any, workdir: str, step: int | None = None
-                        ) -> tuple[int, dict[str, float]]:
-    """`lvlm eval`: the configured evaluators on the latest (or `step`) checkpoint of
-    `workdir`, results written as during training; returns (step, figures)."""
-    from lvlm_jax.checkpoints.export import check_same_model
-    from lvlm_jax.train import input_pipeline, loop, lora
-    from lvlm_jax.train.metrics_writer import MetricsWriter
-
-    task_names(cfg)  # an unknown task fails before anything is loaded
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir!r} holds no checkpoint (nothing under "
-                                f"{os.path.join(workdir, 'checkpoints')})")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"{workdir!r} has no checkpoint of step {step}; it has steps "
-                                f"{', '.join(map(str, steps))}")
-    tokenizer = input_pipeline.load_tokenizer(cfg.data)
-    model_cfg = input_pipeline.resolve_model_config(cfg, tokenizer)
-    check_same_model(workdir, model_cfg)
-    # The config's mesh over this host's devices, sharding the params as training does.
-    setup = loop.plan(cfg, model_cfg, dataset_size=max(int(cfg.data.num_examples), 1))
-    step = steps[-1] if step is None else step
-    # Adapters of a LoRA run are folded into the kernels the model runs.
-    params = lora.merge(_restore_params(workdir, setup.abstract_state, step))
-    suite = EvalSuite(cfg, setup.model, tokenizer)
-    writer = MetricsWriter(workdir)
-    try:
-        import flax.linen as nn
-
-        from lvlm_jax import sharding
-
-        with loop.mesh_context(setup.mesh), nn.logical_axis_rules(
-                sharding.flax_rules(setup.rules)):
-            figures = suite(step, params, workdir, writer)
-        writer.write(step, figures)
-    finally:
-        writer.close()
-    return step, figures
-
-
-def format_summary(step: int, figures: Mapping[str, float], workdir: str = "") -> str:
-    """The figures as a two-column table."""
-    width = max([len(k) for k in figures] + [6]) + 2
-    lines = [f"eval at step {step}" + (f" ({step_dir(workdir, step)})" if workdir else ""),
-             "-" * (width + 12)]
-    lines += [f"{k:<{width}}{v:>12.4f}" for k, v in figures.items()]
-    return "\n".join(lines)
+        return write_results(workdir, step, self.evaluators, results, writer, self.num_rendered,
+                             self.seconds)

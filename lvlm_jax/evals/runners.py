@@ -1,10 +1,10 @@
-"""Eval runners: held-out loss of a stage, greedy or sampled answers to VQA-style records, and
+"""Eval runners: greedy or sampled answers to VQA-style records, and
 the exact-match reward of sampled answers on a fixed prompt set (the RL stages' held-out
 figure)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -14,18 +14,7 @@ from data_pipelines.images import prepare_image
 from data_pipelines.templates import end_of_turn_ids, render
 from lvlm_jax.evals.answers import exact_match
 from lvlm_jax.generate import generate_tokens, left_pad
-from lvlm_jax.train.stages.base import LossContext, Stage, normalize_pixels
-
-
-def eval_loss(ctx: LossContext, stage: Stage, params: Any, batches: Iterable[dict]) -> float:
-    """Token-weighted mean loss of `stage` over host-local batches (one device is enough for
-    the small eval sets this is used on)."""
-    fn = jax.jit(lambda p, b: stage.loss(ctx, p, b, jax.random.PRNGKey(0))[:2])
-    total = weight = 0.0
-    for batch in batches:
-        t, w = fn(params, {f: batch[f] for f in stage.fields})
-        total, weight = total + float(t), weight + float(w)
-    return total / max(weight, 1.0)
+from lvlm_jax.models.vlm import normalize_pixels
 
 
 def answer_questions(model: Any, params: Any, tokenizer: Any, template: str,

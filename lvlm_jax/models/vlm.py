@@ -52,6 +52,14 @@ class VLMConfig:
                                    cross_attention_every=self.connector.cross_attention_every)
 
 
+def normalize_pixels(pixels: jax.Array, mean, std) -> jax.Array:
+    """uint8 (or [0, 1] float) pixels -> the float input the vision tower was trained on."""
+    x = pixels.astype(jnp.float32)
+    if pixels.dtype == jnp.uint8:
+        x = x / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def vlm_config(values: Mapping[str, Any]) -> VLMConfig:
     """A VLMConfig from a nested dict / ConfigDict: {vision, language, connector, ...}.
 
@@ -211,6 +219,23 @@ class VLM(nn.Module):
 
     def init_cache(self, batch: int, length: int) -> dict:
         return init_cache(self.cfg.decoder_config, batch, length)
+
+
+def with_unscanned_decoder(model: VLM, params: Any) -> tuple[VLM, Any]:
+    """The same model with its decoder's layers unstacked (`layers_0`, `layers_1`, ...), and
+    its params so laid out. On CPU an unrolled decoder decodes ~1.3-1.5x faster than a scanned
+    one, which slices each layer's weights and KV cache every step (bench/results/generate.txt,
+    eval_throughput.txt). Cross-attention (Flamingo) and unscanned decoders are returned as
+    they are. The model keeps the kernels it was built with."""
+    from lvlm_jax.models.scan_utils import unstack_layers
+
+    cfg = model.cfg
+    if not cfg.language.scan_layers or cfg.connector.kind == "cross_attention":
+        return model, params
+    unscanned = dataclasses.replace(
+        cfg, language=dataclasses.replace(cfg.language, scan_layers=False))
+    decoder = nn.meta.unbox(params["decoder"])  # boxed as `model.init` gives them, or plain
+    return VLM(unscanned), dict(params, decoder=unstack_layers(dict(decoder)))
 
 
 def for_platform(cfg: VLMConfig, platform: str) -> VLMConfig:

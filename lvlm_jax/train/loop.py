@@ -6,11 +6,9 @@ step -> loop (log, guard, checkpoint) -> summary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvlm_jax import config as config_lib
+from lvlm_jax import progress as progress_lib
 from lvlm_jax import sharding
-from lvlm_jax.models import VLM, build_model, dummy_inputs, layers, vlm_config
+from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
+from lvlm_jax.sharding import mesh_context
 from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import lora as lora_lib
-from lvlm_jax.train import progress as progress_lib
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
 from lvlm_jax.train.periodic_evals import make_evaluator
@@ -85,19 +84,6 @@ def optimizer_config(cfg) -> dict:
     if lora_lib.enabled(cfg):
         opt["freeze"] = lora_lib.optimizer_freeze(opt["freeze"], cfg.lora)  # base frozen
     return opt
-
-
-@contextlib.contextmanager
-def mesh_context(mesh):
-    """The mesh as the ambient one while tracing: the legacy `with mesh:` context (bare
-    PartitionSpecs), and the mesh `layers.constrain` puts activations on. Not jax.set_mesh:
-    under it flax constrains its scanned parameter slices too, which fails.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*context manager has been deprecated",
-                                category=DeprecationWarning)
-        with mesh, layers.activation_mesh(mesh):
-            yield
 
 
 def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> Setup:

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lvlm_jax.models.vlm import instruction_inputs
+from lvlm_jax.models.vlm import instruction_inputs, normalize_pixels  # noqa: F401 (re-export)
 from lvlm_jax.train import losses
 
 Array = jax.Array
@@ -133,13 +133,6 @@ def bind_reference(stage: Stage) -> Stage:
         return loss(with_reference(ctx, reference), params, batch, rng)
 
     return dataclasses.replace(stage, loss=bound)
-
-
-def normalize_pixels(pixels: Array, mean, std) -> Array:
-    x = pixels.astype(jnp.float32)
-    if pixels.dtype == jnp.uint8:
-        x = x / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def model_inputs(ctx: LossContext, batch: Mapping[str, Array]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Step progress: a tqdm bar on a terminal, a plain line every tenth of the steps in a log."""
+"""Progress of a loop (training steps, eval examples): a tqdm bar on a terminal, a plain line
+every tenth of the total in a log."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ class Progress(Protocol):
 
 
 def progress(total: int, initial: int = 0, desc: str = "", file: IO[str] | None = None,
-             percent: int = 10) -> Progress:
+             percent: int = 10, unit: str = "steps") -> Progress:
     """A tqdm bar when `file` (default: stderr, where tqdm writes) is a terminal, else a
     PlainProgress that writes a line every `percent`% of `total`."""
     stream = sys.stderr if file is None else file
     if _is_tty(stream):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True)
-    return PlainProgress(total, initial, desc, stream, percent)
+        return tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True,
+                    unit=unit.rstrip("s") or "it")
+    return PlainProgress(total, initial, desc, stream, percent, unit=unit)
 
 
 def _is_tty(stream: IO[str]) -> bool:
@@ -45,11 +47,11 @@ class PlainProgress:
 
     def __init__(self, total: int, initial: int = 0, desc: str = "",
                  file: IO[str] | None = None, percent: int = 10,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, unit: str = "steps"):
         if not 0 < percent <= 100:
             raise ValueError(f"percent must be in (0, 100], got {percent}")
         self.total, self.n, self.desc = max(int(total), 0), int(initial), desc
-        self.percent = percent
+        self.percent, self.unit = percent, unit
         self._file = sys.stderr if file is None else file
         self._clock = clock
         self._initial, self._start = self.n, clock()
@@ -76,7 +78,7 @@ class PlainProgress:
             self._write(self._clock())
 
     def _line(self, now: float) -> str:
-        parts = [f"{self.desc + ': ' if self.desc else ''}{self.n}/{self.total} steps"
+        parts = [f"{self.desc + ': ' if self.desc else ''}{self.n}/{self.total} {self.unit}"
                  + (f" ({100 * self.n // self.total}%)" if self.total else "")]
         rate = self._rate(now)
         if rate is not None:
