@@ -1,5 +1,6 @@
 """One process of the multi-process test: 4 CPU devices, gloo collectives, its half of every
-global batch. Prints the losses of 5 steps as JSON on the last line (process 0)."""
+global batch. Prints, as JSON on the last line, the losses of 5 steps and the greedy answers of
+an eval whose batches are sharded over both processes' devices."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def main() -> None:
     port, n, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
     sys.path.insert(0, os.path.dirname(__file__))
-    from training_utils import random_batches, tiny_config
+    from training_utils import mesh_answers, random_batches, tiny_config
 
     from lvlm_jax.train import loop
 
@@ -34,7 +35,8 @@ def main() -> None:
 
     setup = loop.build(cfg)
     _, history = loop.run_steps(setup, mine(), 5)
-    print(json.dumps([h["loss"] for h in history]), flush=True)
+    answers = mesh_answers()
+    print(json.dumps({"losses": [h["loss"] for h in history], "answers": answers}), flush=True)
     jax.distributed.shutdown()
 
 

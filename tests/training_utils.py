@@ -62,3 +62,24 @@ def demo_tokenizer_file(directory) -> str:
 
     demo_tokenizer(directory)
     return str(directory / "demo_tokenizer_v2.model")
+
+
+def mesh_answers(questions: int = 6) -> list[str]:
+    """Greedy answers of the tiny model (at its initialisation, with the demo tokenizer's
+    vocabulary) to synthetic VQA questions, each batch sharded over a mesh of all devices."""
+    from lvlm_jax import sharding
+    from lvlm_jax.evals.model_runner import ModelRunner
+    from lvlm_jax.evals.records import synthetic_records
+    from lvlm_jax.train import loop
+    from lvlm_jax.train.input_pipeline import load_tokenizer
+
+    tokenizer = load_tokenizer(config_lib.base_config().data)  # the demo's, cached
+    cfg = tiny_config(**{"model.language.vocab_size": tokenizer.vocab_size,
+                         "model.image_token_id": tokenizer.image_id})
+    setup = loop.build(cfg)
+    records = synthetic_records("vqa", questions, seed=0, image_size=cfg.data.image_size)
+    runner = ModelRunner(setup.model, setup.state.params, tokenizer, "vicuna_v1",
+                         image_size=cfg.data.image_size, batch_size=4, mesh=setup.mesh)
+    with sharding.mesh_context(setup.mesh):
+        return runner.generate([r["image"] for r in records], [r["question"] for r in records],
+                               max_new_tokens=4)

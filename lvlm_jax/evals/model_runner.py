@@ -28,6 +28,17 @@ LENGTH_BUCKET = 16
 UNREADABLE = (OSError, ValueError, SyntaxError)
 
 
+def _to_host(x: Any) -> np.ndarray:
+    """A result of a sharded batch as a numpy array, whole on every process: rows computed on
+    other hosts' devices are gathered (every process reads every answer, as it holds every
+    record)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _bucket(n: int, cap: int) -> int:
     size = LENGTH_BUCKET
     while size < n:
@@ -151,7 +162,7 @@ class ModelRunner:
             if self.show_progress else None
 
         def collect(out: dict, picked: list[int], n: int, ok: list[bool]) -> None:
-            tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+            tokens, lengths = _to_host(out["tokens"]), _to_host(out["lengths"])
             for r in range(n):
                 if ok[r]:
                     kept = [int(t) for t in tokens[r, :int(lengths[r])] if int(t) not in drop]
@@ -229,8 +240,8 @@ class ModelRunner:
             total, weight = _reply_logprobs(self.model, self.params, self._put(ids),
                                             self._put(seg), self._put(pixels),
                                             self._put(mask), self.model.cfg.prefix_lm)
-            sums += np.asarray(total)[:n].tolist()
-            counts += np.asarray(weight)[:n].astype(int).tolist()
+            sums += _to_host(total)[:n].tolist()
+            counts += _to_host(weight)[:n].astype(int).tolist()
         out: list[tuple[list[float], list[int]]] = [([], []) for _ in options]
         for (i, _), s, c in zip(flat, sums, counts, strict=True):
             out[i][0].append(float(s))
