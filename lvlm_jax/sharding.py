@@ -32,6 +32,7 @@ FSDP_TP_RULES: dict[str, list[Any]] = {
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
     "act_vocab": ["tensor"],
+    "act_kv_heads": ["tensor"],  # the KV cache's heads (models/language.py)
     "embed": ["fsdp"],
     "mlp": ["tensor", "fsdp"],
     "heads": ["tensor", "fsdp"],

@@ -6,8 +6,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from lvlm_jax import sharding
 from lvlm_jax.generate import filter_logits, first_argmax, generate_tokens, left_pad
@@ -236,3 +238,35 @@ def test_with_unscanned_decoder_unrolls_the_decoder_and_decodes_the_same_tokens(
     b = generate_tokens(flat.model, flat.params, ids, seg, pixels, jax.random.PRNGKey(0), **kw)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     np.testing.assert_allclose(a["log_probs"], b["log_probs"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_the_kv_cache_shards_over_the_batch_axes_like_the_activations(model_and_params, scan):
+    # Without constraints XLA may keep a rollout's cache whole on every device; it follows the
+    # activations instead: rows over (data, fsdp). A merged [batch * kv_heads] buffer (the
+    # unscanned stack's) splits its leading axis the same way.
+    from lvlm_jax.models.vlm import with_unscanned_decoder
+
+    model, params = model_and_params if scan else with_unscanned_decoder(*model_and_params)
+    rng = np.random.default_rng(7)
+    ids, seg = left_pad(prompts(model, rng, [3] * 8))
+    pixels = pixels_for(model, rng, 8)
+    mesh = sharding.make_mesh({"ici": {"data": 2, "fsdp": 4}})
+    rules = sharding.rules_from_config(None)
+
+    def prefill(p, ids, seg, pixels):
+        cache = model.apply({"params": p}, 8, ids.shape[1] + 2, method=model.init_cache)
+        positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+        return model.apply({"params": p}, ids, pixels, segment_ids=seg, positions=positions,
+                           cache=cache, return_hidden=True)[1]
+
+    replicated = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(rules)):
+        cache = jax.jit(prefill)(replicated, ids, seg, pixels)
+    batch = ("data", "fsdp")
+    like = lambda buf, *spec: buf.sharding.is_equivalent_to(  # noqa: E731
+        jax.sharding.NamedSharding(mesh, P(*spec)), buf.ndim)
+    for buf in jax.tree.leaves((cache["k"], cache["v"])):
+        want = (None, batch, "tensor", None, None) if scan else (batch, None, None)
+        assert like(buf, *want) and not like(buf), buf.sharding.spec
+    assert like(cache["positions"], batch, None)

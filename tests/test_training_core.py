@@ -92,7 +92,11 @@ def test_gradient_accumulation_4x2_equals_batch_8():
     assert len(set(plain.round(6))) > 1
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step():
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(log_every):
+    # Metrics are read every log_every steps: with 1 the run stops at the step that reached the
+    # limit; with 10 it notices at the next read (step 10), naming the same step, and the steps
+    # in between were skipped too (no parameter moved).
     cfg = tiny_config(**{"train.max_nonfinite_steps": 3})
     setup = loop.build(cfg)
 
@@ -106,11 +110,40 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step():
     state, _ = loop.run_steps(setup, itertools.islice(it, 2), 2)
     good = flat_paths(jax.device_get(state.params))
     with pytest.raises(loop.NonFiniteError, match=r"step 5: 3 steps in a row"):
-        loop.run_steps(setup, it, 10, max_nonfinite=3)
+        loop.run_steps(setup, it, 10, max_nonfinite=3, log_every=log_every)
     # The skipped steps did not touch the parameters, and they were counted.
     after = flat_paths(jax.device_get(setup.state.params))
     assert all(np.array_equal(good[p], after[p]) for p in good)
-    assert int(setup.state.nonfinite) == 3
+    assert int(setup.state.nonfinite) == (3 if log_every == 1 else 8)
+
+
+def test_metrics_are_read_every_log_every_steps_in_one_transfer(monkeypatch):
+    cfg = tiny_config()
+    setup = loop.build(cfg)
+    reads = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(len(x)) or device_get(x))
+    _, history = loop.run_steps(setup, random_batches(cfg), 7, log_every=3)
+    monkeypatch.undo()
+    # The first step, then steps 2-3, 4-6 and 7: four reads for seven steps, every step logged.
+    assert reads == [1, 2, 3, 1]
+    assert len(history) == 7 and all(np.isfinite(h["loss"]) for h in history)
+    reference = loop.build(cfg)
+    _, every_step = loop.run_steps(reference, random_batches(cfg), 7, log_every=1)
+    assert [h["loss"] for h in history] == [h["loss"] for h in every_step]
+
+
+def test_a_host_array_reaching_the_step_fails_loudly(monkeypatch):
+    # The step runs under jax.transfer_guard("disallow"): a batch that was not put on the mesh
+    # (an implicit host-to-device copy every step) raises instead of silently costing time.
+    from lvlm_jax import sharding
+
+    cfg = tiny_config()
+    setup = loop.build(cfg)
+    loop.run_steps(setup, random_batches(cfg), 1)  # compiled with device batches
+    monkeypatch.setattr(sharding, "to_global", lambda batch, mesh: dict(batch))
+    with pytest.raises(Exception, match=r"[Dd]isallowed host-to-device transfer"):
+        loop.run_steps(setup, random_batches(cfg), 2)
 
 
 def test_bad_mesh_batch_and_keys_fail_with_one_clear_line():

@@ -148,6 +148,18 @@ class Attention(nn.Module):
         return checkpoint_name(out, "out_proj"), new_cache
 
 
+# The KV cache shards like the activations: batch over the batch axes, kv heads over tensor.
+# A merged [batch * kv_heads] axis (batch-major) shards over the batch axes alone.
+_CACHE_AXES = {5: (None, "act_batch", "act_kv_heads", None, None),
+               4: ("act_batch", "act_kv_heads", None, None),
+               3: ("act_batch", None, None),
+               2: ("act_batch", None)}
+
+
+def _constrain_cache(buf: Array) -> Array:
+    return layers.constrain(buf, _CACHE_AXES[buf.ndim])
+
+
 def _write_cache(layer_cache: dict, k: Array, v: Array, index: Array):
     """Writes k, v [b, t, kv_heads, x] at cache slot `index`.
 
@@ -164,13 +176,14 @@ def _write_cache(layer_cache: dict, k: Array, v: Array, index: Array):
     if "layer" not in layer_cache:
         def put(buf, new):
             new = (merged(new) if buf.ndim == 3 else new).astype(buf.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=buf.ndim - 2)
+            return _constrain_cache(
+                jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=buf.ndim - 2))
 
         ks, vs = put(layer_cache["k"], k), put(layer_cache["v"], v)
         return merged(ks), merged(vs), {"k": ks, "v": vs}
     i = layer_cache["layer"]
-    put = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
-        buf, new[None].astype(buf.dtype), (i, 0, 0, index, 0))
+    put = lambda buf, new: _constrain_cache(jax.lax.dynamic_update_slice(  # noqa: E731
+        buf, new[None].astype(buf.dtype), (i, 0, 0, index, 0)))
     ks, vs = put(layer_cache["k"], k), put(layer_cache["v"], v)
     return merged(ks[i]), merged(vs[i]), dict(layer_cache, k=ks, v=vs)
 
@@ -278,11 +291,11 @@ def init_cache(cfg: LanguageConfig, batch: int, length: int, dtype: Any = None) 
         k = tuple(jnp.zeros((batch * kvh, length, hd), dtype) for _ in range(cfg.num_layers))
         v = tuple(jnp.zeros((batch * kvh, length, hd), dtype) for _ in range(cfg.num_layers))
     return {
-        "k": k,
-        "v": v,
-        "positions": jnp.zeros((batch, length), jnp.int32),
-        "segment_ids": jnp.zeros((batch, length), jnp.int32),
-        "prefix": jnp.zeros((batch, length), bool),
+        "k": jax.tree.map(_constrain_cache, k),
+        "v": jax.tree.map(_constrain_cache, v),
+        "positions": _constrain_cache(jnp.zeros((batch, length), jnp.int32)),
+        "segment_ids": _constrain_cache(jnp.zeros((batch, length), jnp.int32)),
+        "prefix": _constrain_cache(jnp.zeros((batch, length), bool)),
         "index": jnp.zeros((), jnp.int32),
     }
 
@@ -340,8 +353,8 @@ class Decoder(nn.Module):
             cache_index, layer_caches = None, None
         else:
             idx = cache["index"]
-            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                buf, new.astype(buf.dtype), idx, axis=1)
+            put = lambda buf, new: _constrain_cache(  # noqa: E731
+                jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), idx, axis=1))
             prefix = jnp.zeros_like(segment_ids, bool) if prefix_mask is None else prefix_mask
             meta = {"positions": put(cache["positions"], positions),
                     "segment_ids": put(cache["segment_ids"], segment_ids),

@@ -202,7 +202,17 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
     """Steps the state until step `num_steps` on host-local numpy batches; returns per-step
     metrics. `after_step(step, state)` runs after every step; returning True stops the loop.
     The step is compiled before the first one runs, timed apart (`compile_seconds`); steps
-    `profile_steps` = (first, last) are traced into `profile_dir`."""
+    `profile_steps` = (first, last) are traced into `profile_dir`.
+
+    The host does not wait for each step: metrics stay on the devices and are read every
+    `log_every` steps (and at the first and last), in one transfer; while a step runs, the next
+    batch is read and sent to the devices (one step in flight, the next batch ready behind
+    it). So `step_time` is the mean over the steps read together, the progress bar shows the
+    loss last read, and a run of `max_nonfinite` skipped steps is noticed when they are read
+    (the error names the step it reached the limit at; skipped steps change no parameter).
+    The step runs under `jax.transfer_guard("disallow")`: a host array that reaches it (an
+    implicit transfer) fails loudly instead of costing a silent copy each step.
+    """
     stage = get_stage(setup.cfg.stage)
     mesh, state = setup.mesh, setup.state
     # PPO/GRPO: a rollout turns each prompt batch into the step's batch (train/rollout.py).
@@ -210,42 +220,27 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
     rollout = make_rollout(setup) if make_rollout is not None else None
     history: list[dict] = []
     peak = flops_lib.device_peak()
+    first = int(state.step) + 1  # the one read of the step counter; the host counts after it
     bar = None
     if progress and jax.process_index() == 0:
-        bar = progress_lib.progress(num_steps, initial=int(state.step), desc=setup.cfg.stage)
+        bar = progress_lib.progress(num_steps, initial=first - 1, desc=setup.cfg.stage)
     bad_in_a_row = 0
     compiled = False
     t_last = time.perf_counter()
-    with (mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)),
-          Profiler(profile_steps, profile_dir) as profiler):
-        for _ in range(int(state.step), num_steps):
-            local = next(batches)
-            if rollout is None:
-                batch, rollout_metrics = sharding.to_global(
-                    {f: local[f] for f in stage.fields}, mesh), {}
-            else:
-                batch, rollout_metrics = rollout(state, local)
-            if not compiled:
-                # jit reuses this executable on the first call, so step_time excludes compiling.
-                t = time.perf_counter()
-                setup.step_fn.lower(state, batch).compile()
-                compiled, seconds = True, time.perf_counter() - t
-                if writer is not None:
-                    writer.write(int(state.step), {"compile_seconds": seconds})
-                if log is not None:
-                    log(f"compiled the train step in {seconds:.1f}s")
-                t_last = time.perf_counter()
-            profiler.before(int(state.step) + 1)
-            state, metrics = setup.step_fn(state, batch)
-            setup.state = state  # the old state was donated: keep the live one reachable
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            step = int(state.step)
-            examples = setup.cfg.data.batch_size
+    unread: list[tuple[int, Any, Any]] = []  # (step, metrics, rollout metrics) on the devices
+
+    def read() -> None:
+        """Fetches the unread steps' metrics in one transfer and logs them."""
+        nonlocal bad_in_a_row, t_last
+        if not unread:
+            return
+        fetched = jax.device_get([(m, r) for _, m, r in unread])
+        now = time.perf_counter()
+        dt, t_last = (now - t_last) / len(unread), now
+        for (step, _, _), (metrics, rollout_metrics) in zip(unread, fetched, strict=True):
             record = {k: float(v) for k, v in metrics.items() if k != "finite"}
-            record.update({k: float(v) for k, v in jax.device_get(rollout_metrics).items()})
-            record.update(step_time=dt, examples_per_s=examples / dt,
+            record.update({k: float(v) for k, v in rollout_metrics.items()})
+            record.update(step_time=dt, examples_per_s=setup.cfg.data.batch_size / dt,
                           tokens_per_s=float(metrics["tokens"]) / dt)
             m = flops_lib.mfu(setup.flops_per_step, dt, jax.device_count(), peak)
             if m is not None:
@@ -255,6 +250,7 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
                 bad_in_a_row += 1
                 record["skipped_nonfinite"] = True
                 if bad_in_a_row >= max_nonfinite:
+                    unread.clear()
                     raise NonFiniteError(
                         f"step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
                         f"gradient (loss={record['loss']}, grad_norm={record['grad_norm']}); "
@@ -267,13 +263,47 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
 
                 record.update(data_metrics(batches))  # skipped bad records, from the loader
                 writer.write(step, record)
-            profiler.after(step, state)
+        if bar is not None:  # the loss last read; the count moves every step
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        unread.clear()
+
+    with (mesh_context(mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)),
+          Profiler(profile_steps, profile_dir) as profiler):
+        for step in range(first, num_steps + 1):
+            local = next(batches)
+            if rollout is None:
+                batch, rollout_metrics = sharding.to_global(
+                    {f: local[f] for f in stage.fields}, mesh), {}
+            else:
+                batch, rollout_metrics = rollout(state, local)
+            if not compiled:
+                # jit reuses this executable on the first call, so step_time excludes compiling.
+                t = time.perf_counter()
+                setup.step_fn.lower(state, batch).compile()
+                compiled, seconds = True, time.perf_counter() - t
+                if writer is not None:
+                    writer.write(step - 1, {"compile_seconds": seconds})
+                if log is not None:
+                    log(f"compiled the train step in {seconds:.1f}s")
+                t_last = time.perf_counter()
+            profiler.before(step)
+            if unread:
+                # Double buffering: the previous step finishes before this one is queued, so one
+                # step runs while the host reads and sends the next batch, and no more pile up.
+                jax.block_until_ready(unread[-1][1]["loss"])
+            with jax.transfer_guard("disallow"):
+                state, metrics = setup.step_fn(state, batch)
+            setup.state = state  # the old state was donated: keep the live one reachable
+            unread.append((step, metrics, rollout_metrics))
+            if step % log_every == 0 or step in (first, num_steps):
+                read()
             if bar is not None:
-                # The loss first: in a log, this update may write the line that shows it.
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                bar.update(1)
+                bar.update(1)  # after the read: in a log, this may write the line with its loss
+            profiler.after(step, state)
             if after_step is not None and after_step(step, state):
+                read()
                 break
+        read()
     if bar is not None:
         bar.close()
     setup.state = state
