@@ -1,6 +1,8 @@
 """One process of the multi-process test: 4 CPU devices, gloo collectives, its half of every
-global batch. Prints, as JSON on the last line, the losses of 5 steps and the greedy answers of
-an eval whose batches are sharded over both processes' devices."""
+global batch. Prints, as JSON on the last line, the losses of 5 steps, the greedy answers of an
+eval whose batches are sharded over both processes' devices, and the losses of a run started
+from another run's checkpoint (argv: port, processes, process id, that run, this run's
+workdir)."""
 
 import json
 import os
@@ -19,6 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def main() -> None:
     port, n, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    source, workdir = sys.argv[4], sys.argv[5]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
     sys.path.insert(0, os.path.dirname(__file__))
     from training_utils import mesh_answers, random_batches, tiny_config
@@ -29,14 +32,21 @@ def main() -> None:
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     rows = cfg.data.batch_size // n
 
-    def mine():
-        for batch in random_batches(cfg):
+    def mine_of(cfg, seed=0):
+        for batch in random_batches(cfg, seed):
             yield {k: v[pid * rows:(pid + 1) * rows] for k, v in batch.items()}
+
+    mine = lambda: mine_of(cfg)  # noqa: E731
 
     setup = loop.build(cfg)
     _, history = loop.run_steps(setup, mine(), 5)
     answers = mesh_answers()
-    print(json.dumps({"losses": [h["loss"] for h in history], "answers": answers}), flush=True)
+    # A run that starts from another run's params (checkpoint.init_from) on both processes.
+    chained = tiny_config(steps=2, **{"checkpoint.init_from": source})
+    _, chained_history = loop.train(chained, workdir, batches=mine_of(chained, seed=1),
+                                    log=lambda *_: None)
+    print(json.dumps({"losses": [h["loss"] for h in history], "answers": answers,
+                      "chained": [h["loss"] for h in chained_history]}), flush=True)
     jax.distributed.shutdown()
 
 

@@ -22,18 +22,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_eight_devices_in_training_and_eval():
+def test_two_processes_match_one_process_with_eight_devices_in_training_and_eval(tmp_path):
     cfg = tiny_config(**{"optimizer.learning_rate": 1e-3})
     setup = loop.build(cfg)
     _, history = loop.run_steps(setup, random_batches(cfg), 5)
     reference = np.array([h["loss"] for h in history])
+    # Another run to start from (init_from): its params are read whole on every process and
+    # merged into each process's shards of the new run's, which no process can fetch whole.
+    source = str(tmp_path / "source")
+    loop.train(tiny_config(steps=2), source, batches=random_batches(tiny_config()),
+               log=lambda *_: None)
+    chained = tiny_config(steps=2, **{"checkpoint.init_from": source})
+    _, chained_history = loop.train(chained, str(tmp_path / "chained_1"),
+                                    batches=random_batches(chained, 1), log=lambda *_: None)
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                               str(port), "2", str(i)], env=env, stdout=subprocess.PIPE,
+                               str(port), "2", str(i), source, str(tmp_path / "chained_2")],
+                              env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
     for p in procs:
@@ -48,3 +57,6 @@ def test_two_processes_match_one_process_with_eight_devices_in_training_and_eval
     # The same initial params, programs and shards: the same greedy answers, bit for bit.
     answers = mesh_answers()
     assert outs[0]["answers"] == outs[1]["answers"] == answers and any(answers)
+    for out in outs:
+        np.testing.assert_allclose(out["chained"], [h["loss"] for h in chained_history],
+                                   rtol=1e-5)

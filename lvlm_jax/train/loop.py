@@ -316,10 +316,12 @@ def _initial_params(cfg, setup: Setup, log) -> Any:
     from lvlm_jax.checkpoints.manager import restore_params
     from lvlm_jax.checkpoints.partial import merge_params
 
-    params, step = restore_params(cfg.checkpoint.init_from)
+    params, step = restore_params(cfg.checkpoint.init_from)  # whole, on every host
     params = lora_lib.merge(params)  # a LoRA run hands on its merged weights
-    own = jax.device_get(setup.state.params)
-    merged, report = merge_params(own, params, cfg.checkpoint.get("init_from_include"))
+    # This run's own params stay where they are (on several hosts they cannot be fetched to
+    # one); the loaded ones replace them leaf by leaf, and `_start_from` shards the result.
+    merged, report = merge_params(setup.state.params, params,
+                                  cfg.checkpoint.get("init_from_include"))
     log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
     return merged
 
