@@ -303,7 +303,7 @@ def test_reply_logprobs_equal_a_full_forward_pass(random_runner):
             conv = [{"from": "human", "value": "<image>\n" + records[k]["question"]},
                     {"from": "gpt", "value": opt}]
             ids, mask = render("vicuna_v1", conv, runner.tokenizer, runner.model.cfg.image_tokens)
-            pixels = runner._pixels([records[k]["image"]])
+            pixels, _ = runner._pixels([records[k]["image"]])
             logits = forward(runner.params, jnp.asarray(ids)[None], pixels)[0]
             logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
             want = float(jnp.sum(logp[jnp.arange(len(ids) - 1), ids[1:]] * mask[1:]))

@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices (gloo collectives on localhost) train exactly like one process
 with 8 devices: each process feeds its half of every global batch. An eval's batches, sharded
-over all 8 devices, give both processes every answer, the same as one process's."""
+over all 8 devices, give both processes every answer, the same as one process's, while each
+process decodes only the images of its own rows."""
 
 import json
 import os
@@ -27,21 +28,12 @@ def test_two_processes_match_one_process_with_eight_devices_in_training_and_eval
     setup = loop.build(cfg)
     _, history = loop.run_steps(setup, random_batches(cfg), 5)
     reference = np.array([h["loss"] for h in history])
-    # Another run to start from (init_from): its params are read whole on every process and
-    # merged into each process's shards of the new run's, which no process can fetch whole.
-    source = str(tmp_path / "source")
-    loop.train(tiny_config(steps=2), source, batches=random_batches(tiny_config()),
-               log=lambda *_: None)
-    chained = tiny_config(steps=2, **{"checkpoint.init_from": source})
-    _, chained_history = loop.train(chained, str(tmp_path / "chained_1"),
-                                    batches=random_batches(chained, 1), log=lambda *_: None)
-
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                               str(port), "2", str(i), source, str(tmp_path / "chained_2")],
+                               str(port), "2", str(i)],
                               env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
@@ -57,6 +49,5 @@ def test_two_processes_match_one_process_with_eight_devices_in_training_and_eval
     # The same initial params, programs and shards: the same greedy answers, bit for bit.
     answers = mesh_answers()
     assert outs[0]["answers"] == outs[1]["answers"] == answers and any(answers)
-    for out in outs:
-        np.testing.assert_allclose(out["chained"], [h["loss"] for h in chained_history],
-                                   rtol=1e-5)
+    # One batch of 8 rows (6 questions, padded to the 8 devices): each process decoded its 4.
+    assert [out["decoded"] for out in outs] == [4, 4]

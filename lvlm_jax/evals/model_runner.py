@@ -95,20 +95,31 @@ class ModelRunner:
         return (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std,
                                                                            np.float32)
 
-    def _pixels(self, images: Sequence[Any]) -> np.ndarray:
-        return self._normalize(np.stack([prepare_image(im, self.image_size, self.image_mode)
-                                         for im in images])[:, None])
+    def _local_rows(self, size: int) -> set[int]:
+        """The rows of a batch of `size` that this process's devices hold: the only images it
+        decodes. On several hosts each decodes its share; the other rows stay zeros, which
+        `_put` never reads."""
+        if self.mesh is None or jax.process_count() == 1:
+            return set(range(size))
+        rows: set[int] = set()
+        placed = sharding.batch_sharding(self.mesh, 1).addressable_devices_indices_map((size,))
+        for (index,) in placed.values():
+            rows.update(range(*index.indices(size)))
+        return rows
 
-    def _readable_pixels(self, images: Sequence[Any]) -> tuple[np.ndarray, list[bool]]:
-        """Like _pixels, but an image that cannot be decoded becomes a black one, flagged."""
-        ok, prepared = [], []
-        for im in images:
+    def _pixels(self, images: Sequence[Any], skip_unreadable: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(normalized pixels [n, 1, h, w, 3], readable [n]) of this process's rows. With
+        `skip_unreadable`, an image that cannot be decoded becomes a black one, flagged False."""
+        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        prepared, ok = [blank] * len(images), np.ones(len(images), bool)
+        for r in self._local_rows(len(images)):
             try:
-                prepared.append(prepare_image(im, self.image_size, self.image_mode))
-                ok.append(True)
+                prepared[r] = prepare_image(images[r], self.image_size, self.image_mode)
             except UNREADABLE:
-                prepared.append(np.zeros((self.image_size, self.image_size, 3), np.uint8))
-                ok.append(False)
+                if not skip_unreadable:
+                    raise
+                ok[r] = False
         return self._normalize(np.stack(prepared)[:, None]), ok
 
     def _batch_size(self, n: int) -> int:
@@ -161,8 +172,9 @@ class ModelRunner:
         bar = progress_lib.progress(len(rows), desc=desc, unit="examples") \
             if self.show_progress else None
 
-        def collect(out: dict, picked: list[int], n: int, ok: list[bool]) -> None:
+        def collect(out: dict, picked: list[int], n: int, ok: Any) -> None:
             tokens, lengths = _to_host(out["tokens"]), _to_host(out["lengths"])
+            ok = _to_host(ok)  # each process knows only whether its own rows' images decoded
             for r in range(n):
                 if ok[r]:
                     kept = [int(t) for t in tokens[r, :int(lengths[r])] if int(t) not in drop]
@@ -184,11 +196,7 @@ class ModelRunner:
             chunk = [rows[i] for i in picked]
             length = _bucket(max(len(r) for r in chunk), context - max_new_tokens)
             ids, seg = left_pad(chunk, pad_id=self.tokenizer.pad_id, length=length)
-            ims = [images[i] for i in picked]
-            if skip_unreadable:
-                pixels, ok = self._readable_pixels(ims)
-            else:
-                pixels, ok = self._pixels(ims), [True] * size
+            pixels, ok = self._pixels([images[i] for i in picked], skip_unreadable)
             # Greedy decoding draws no random numbers: no per-batch key to make on the device.
             rng = key if self.temperature == 0 else jax.random.fold_in(key, k)
             out = generate_tokens(model, params, self._put(ids), self._put(seg),
@@ -200,7 +208,7 @@ class ModelRunner:
             # previous one's answers and, next turn, prepares the following batch.
             if pending:
                 collect(*pending.pop())
-            pending.append((out, picked, n, ok))
+            pending.append((out, picked, n, self._put(ok)))
         for job in pending:
             collect(*job)
         if bar is not None:
@@ -236,7 +244,7 @@ class ModelRunner:
             for r, (row_ids, row_mask) in enumerate(part):  # right-padded: replies line up
                 ids[r, :len(row_ids)], seg[r, :len(row_ids)] = row_ids, 1
                 mask[r, :len(row_mask)] = row_mask
-            pixels = self._pixels([images[i] for i in idx])
+            pixels, _ = self._pixels([images[i] for i in idx])
             total, weight = _reply_logprobs(self.model, self.params, self._put(ids),
                                             self._put(seg), self._put(pixels),
                                             self._put(mask), self.model.cfg.prefix_lm)
