@@ -150,3 +150,37 @@ def test_readme_table_is_pasted_verbatim_from_a_runs_output(two_seeds, tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("update_demo_table: no 'lvlm demo results, N seeds' table")
+
+
+def test_demo_sft_checkpoint_exports_to_transformers_with_equal_logits(two_seeds, tmp_path):
+    """The demo's model (SigLIP's post-normed output through an MLP) is DeepSeek-VL's layout:
+    `lvlm export --format=hf` writes that class, and transformers gives our logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import lvlm_jax
+    from data_pipelines.loader import demo_tokenizer
+    from data_pipelines.templates import render
+    from lvlm_jax.evals.records import synthetic_records
+
+    workdir, _, _ = two_seeds
+    sft, out = workdir / "seed_0" / "sft", tmp_path / "hf"
+    assert cli.main(["export", f"--checkpoint={sft}", "--format=hf", f"--out={out}"]) == 0
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "DeepseekVLForConditionalGeneration"
+    ours = lvlm_jax.from_pretrained(str(sft))
+    records = synthetic_records("vqa", 2, seed=3, image_size=64)
+    tokenizer = demo_tokenizer(input_pipeline.cache_dir())
+    rows = [render("gemma", [{"from": "human", "value": "<image>\n" + r["question"]},
+                             {"from": "gpt", "value": r["answer"]}], tokenizer, 16)[0]
+            for r in records]
+    width = max(map(len, rows))
+    ids = np.stack([np.pad(r, (width - len(r), 0)) for r in rows]).astype(np.int64)  # left pad
+    mask = (np.arange(width)[None] >= width - np.array([len(r) for r in rows])[:, None])
+    pixels = np.stack([(np.asarray(r["image"], np.float32) / 255 - 0.5) / 0.5
+                       for r in records]).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
+                       attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+    got = ours.logits(ids, pixels, attention_mask=mask.astype(np.int64))
+    real = mask.astype(bool)  # padded positions' logits are meaningless on both sides
+    np.testing.assert_allclose(got[real], theirs[real], atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
-"""Parity with HF transformers: tiny random LLaVA / PaliGemma (and single towers) built offline,
-saved with save_pretrained, imported, and compared on logits and greedy tokens; export back to
-transformers; clear errors on bad checkpoints."""
+"""Parity with HF transformers: tiny random LLaVA / PaliGemma / DeepSeek-VL (and single towers)
+built offline, saved with save_pretrained, imported, and compared on logits and greedy tokens;
+export back to transformers; clear errors on bad checkpoints."""
 
 import copy
 import filecmp
@@ -49,12 +49,22 @@ def _paligemma():
     return transformers.PaliGemmaForConditionalGeneration(cfg)
 
 
+def _deepseek_vl():
+    vision = dict(VISION, model_type="siglip_vision_model", vision_use_head=False)
+    cfg = transformers.DeepseekVLConfig(vision_config=vision,
+                                        text_config=dict(model_type="llama", **TEXT),
+                                        image_token_id=IMG, tie_word_embeddings=False)
+    return transformers.DeepseekVLForConditionalGeneration(cfg)
+
+
 BUILDERS = {
     # feature layer -2 and the "default" strategy (CLS dropped) are LLaVA's defaults.
     "llava_clip_llama": lambda: _llava("clip_vision_model", "llama"),
     "llava_siglip_qwen2": lambda: _llava("siglip_vision_model", "qwen2", vision_feature_layer=-1,
                                          vision_feature_select_strategy="full"),
     "paligemma": _paligemma,
+    # SigLIP's final (post-layernormed) output through a 2-layer MLP: the demo's model.
+    "deepseek_vl_siglip_llama": _deepseek_vl,
 }
 
 
@@ -97,7 +107,8 @@ def _hf_logits(model, **inputs):
         return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
 
 
-@pytest.mark.parametrize("name", ["llava_clip_llama", "llava_siglip_qwen2"])
+@pytest.mark.parametrize("name", ["llava_clip_llama", "llava_siglip_qwen2",
+                                  "deepseek_vl_siglip_llama"])
 def test_llava_logits_match_transformers(saved, handles, name):
     ids, pixels, mask = _llava_inputs()
     ref = _hf_logits(saved[name][1], input_ids=ids, pixel_values=pixels, attention_mask=mask)

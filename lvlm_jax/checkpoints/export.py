@@ -102,7 +102,7 @@ def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None)
 
     heads = sorted(set(params) - MODEL_KEYS)
     if "reward_head" in heads:
-        raise ValueError(f"{workdir} holds a reward model: HF's LLaVA/PaliGemma classes have no "
+        raise ValueError(f"{workdir} holds a reward model: HF's VLM classes have no "
                          "place for its reward_head; export it with --format=params")
     # A policy trained by PPO carries its value head: HF gets the policy alone.
     export_hf(model_cfg, {k: v for k, v in params.items() if k in MODEL_KEYS}, out)

@@ -1,4 +1,4 @@
-"""Hugging Face interop: import LLaVA, PaliGemma and single towers; export LLaVA and PaliGemma.
+"""Hugging Face interop: import LLaVA, PaliGemma, DeepSeek-VL and single towers; export the three.
 
     cfg, params = import_hf("llava-1.5-7b-hf")     # numpy params, scanned layout by default
     model = build_model(cfg); model.apply({"params": params}, ids, pixels)
@@ -31,7 +31,7 @@ import numpy as np
 from lvlm_jax.checkpoints.hf_config import config_from_hf, config_to_hf, hf_model_type
 from lvlm_jax.checkpoints.hf_safetensors import open_checkpoint, write_safetensors
 from lvlm_jax.checkpoints.hf_weights import (
-    EXPORT_PREFIX,
+    EXPORT_PREFIXES,
     Entry,
     canonical_names,
     language_spec,
@@ -199,9 +199,11 @@ def _host_params(params: Any) -> dict[str, Any]:
 
 def export_hf(model_cfg: VLMConfig | Mapping[str, Any], params: Any, out_dir: str, *,
               extra_config: Mapping[str, Any] | None = None) -> str:
-    """Writes config.json + model.safetensors that transformers' LlavaForConditionalGeneration
-    or PaliGemmaForConditionalGeneration loads. `extra_config` entries (token ids, ...) are
-    merged into config.json. Never touches an existing non-empty `out_dir`; returns its path.
+    """Writes config.json + model.safetensors that transformers' LlavaForConditionalGeneration,
+    PaliGemmaForConditionalGeneration or (a SigLIP tower's final output through an MLP, as the
+    demo's model) DeepseekVLForConditionalGeneration loads. `extra_config` entries (token ids,
+    ...) are merged into config.json. Never touches an existing non-empty `out_dir`; returns
+    its path.
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -237,8 +239,9 @@ def export_hf(model_cfg: VLMConfig | Mapping[str, Any], params: Any, out_dir: st
         parts.setdefault(e.hf, [None] * e.parts)[e.part] = to_hf(flat[e.ours], e)
     tensors = {}
     for canon, pieces in parts.items():
-        prefix = next(p for p in EXPORT_PREFIX if canon.startswith(p))
-        name = EXPORT_PREFIX[prefix] + canon[len(prefix):]
+        prefixes = EXPORT_PREFIXES[family]
+        prefix = next(p for p in prefixes if canon.startswith(p))
+        name = prefixes[prefix] + canon[len(prefix):]
         tensors[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
 
     # Write next to the target and rename at the end: an interrupted export leaves no

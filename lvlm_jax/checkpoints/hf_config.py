@@ -1,4 +1,5 @@
-"""Hugging Face config.json <-> our model-config dicts: LLaVA, PaliGemma and single towers.
+"""Hugging Face config.json <-> our model-config dicts: LLaVA, PaliGemma, DeepSeek-VL and single
+towers.
 
 A config.json written by transformers may leave out any value equal to its class default (older
 versions saved only the differences), so each supported model type carries its defaults here,
@@ -17,12 +18,14 @@ from lvlm_jax.models.vlm import VLMConfig
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
     "PaliGemmaForConditionalGeneration": "paligemma",
+    "DeepseekVLForConditionalGeneration": "deepseek_vl",
     "CLIPVisionModel": "clip_vision_model", "CLIPModel": "clip",
     "SiglipVisionModel": "siglip_vision_model", "SiglipModel": "siglip",
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
 }
-FAMILIES = {"llava": "llava", "paligemma": "paligemma", "clip_vision_model": "vision",
+FAMILIES = {"llava": "llava", "paligemma": "paligemma", "deepseek_vl": "deepseek_vl",
+            "clip_vision_model": "vision",
             "clip": "vision", "siglip_vision_model": "vision", "siglip": "vision",
             "llama": "language", "mistral": "language", "qwen2": "language", "gemma": "language"}
 
@@ -203,6 +206,15 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                                               hf.get("image_token_id", 256000))),
                     connector=dict(kind="projector", projector="linear", projector_bias=True,
                                    scale_by_inverse_sqrt_embed=True))
+    if family == "deepseek_vl":
+        # SigLIP's final (post-layernormed) sequence through a 2-layer GELU MLP with biases.
+        vision = vision_from_hf(hf.get("vision_config"), {"model_type": "siglip_vision_model"})
+        language = language_from_hf(hf.get("text_config"), {"model_type": "llama"})
+        language["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
+        return dict(vision=vision, language=language, prefix_lm=False,
+                    image_token_id=int(hf.get("image_token_id", 100015)),
+                    connector=dict(kind="projector", projector="mlp2x_gelu",
+                                   projector_bias=True))
     # LLaVA
     vision = vision_from_hf(hf.get("vision_config"), LLAVA_VISION)
     language = language_from_hf(hf.get("text_config"), {"model_type": "llama"})
@@ -265,7 +277,7 @@ def _text_to_hf(cfg: VLMConfig) -> dict[str, Any]:
 
 
 def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> tuple[dict[str, Any], str]:
-    """Our VLMConfig -> (config.json dict, family 'llava' or 'paligemma')."""
+    """Our VLMConfig -> (config.json dict, family 'llava', 'paligemma' or 'deepseek_vl')."""
     c = cfg.connector
     if c.kind != "projector":
         raise ValueError(f"a {c.kind!r} connector has no HF LLaVA/PaliGemma form")
@@ -291,10 +303,20 @@ def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> tuple[dict[str, Any]
                          f"{c.scale_by_inverse_sqrt_embed}) has no HF LLaVA form; LLaVA needs "
                          "'mlp2x_gelu'")
     layer = cfg.vision.feature_layer
+    if layer is None and siglip:
+        # LLaVA reads a hidden state, never SigLIP's post-layernormed output; DeepSeek-VL reads
+        # exactly that output, through the same 2-layer GELU MLP (with biases).
+        if not c.projector_bias:
+            raise ValueError("a SigLIP tower's final output through an MLP projector exports "
+                             "as DeepSeek-VL, whose aligner has biases: set "
+                             "model.connector.projector_bias=True, or "
+                             "model.vision.feature_layer for LLaVA")
+        text["tie_word_embeddings"] = cfg.language.tie_embeddings
+        return dict(architectures=["DeepseekVLForConditionalGeneration"],
+                    model_type="deepseek_vl", image_token_id=cfg.image_token_id,
+                    tie_word_embeddings=cfg.language.tie_embeddings, dtype=dtype,
+                    text_config=text, vision_config=vision), "deepseek_vl"
     if layer is None:
-        if siglip:  # the final output includes SigLIP's post-layernorm; LLaVA's never does
-            raise ValueError("LLaVA reads a hidden state, not SigLIP's post-normed output; "
-                             "set model.vision.feature_layer")
         layer = -1  # CLIP's final output is its last hidden state
     strategy = "default" if cfg.vision.cls_token and cfg.vision.drop_cls else "full"
     return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",

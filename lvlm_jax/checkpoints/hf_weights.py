@@ -44,6 +44,12 @@ _LAYOUTS = {
         (r"(?:language_model\.)?lm_head\.", "lm_head."),
         (r"(?:model\.)?language_model\.(?:model\.)?", "text."),
     ],
+    "deepseek_vl": [
+        (r"(?:model\.)?vision_model\.(?:vision_model\.)?", "vision."),
+        (r"(?:model\.)?aligner\.", "projector."),
+        (r"lm_head\.", "lm_head."),
+        (r"(?:model\.)?language_model\.(?:model\.)?", "text."),
+    ],
     "vision": [(r"vision_model\.", "vision."), (r"(?=embeddings\.|encoder\.|pre_layrnorm\.|"
                                                 r"post_layernorm\.|head\.)", "vision.")],
     "language": [(r"lm_head\.", "lm_head."), (r"model\.", "text.")],
@@ -56,6 +62,9 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|position_ids)$|(text_model|text_
 # 5.x both load.
 EXPORT_PREFIX = {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.",
                  "lm_head.": "language_model.lm_head.", "text.": "language_model.model."}
+EXPORT_PREFIXES = {"llava": EXPORT_PREFIX, "paligemma": EXPORT_PREFIX,
+                   "deepseek_vl": {"vision.": "model.vision_model.", "projector.": "model.aligner.",
+                                   "lm_head.": "lm_head.", "text.": "model.language_model."}}
 
 
 def canonical_names(names: Iterable[str], family: str) -> dict[str, str]:
@@ -164,6 +173,9 @@ def language_spec(t: LanguageConfig) -> list[Entry]:
 def projector_spec(family: str, bias: bool) -> list[Entry]:
     if family == "paligemma":
         return _linear("projector.linear", "connector/linear_1", bias)
+    if family == "deepseek_vl":
+        return (_linear("projector.linear1", "connector/linear_1", bias)
+                + _linear("projector.linear2", "connector/linear_2", bias))
     return (_linear("projector.linear_1", "connector/linear_1", bias)
             + _linear("projector.linear_2", "connector/linear_2", bias))
 
