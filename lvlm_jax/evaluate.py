@@ -25,17 +25,10 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def _restore_params(workdir: str, abstract_state: Any, step: int) -> Any:
-    """The params of a step, placed on this run's mesh. The whole state is read onto its
-    abstract shardings, as a resumed run reads it: orbax refuses a target-less restore of a
-    checkpoint saved on another device topology, and a state-only restore is all or nothing."""
-    import orbax.checkpoint as ocp
+    """The params of a step, read straight onto this run's mesh (not the optimizer state)."""
+    from lvlm_jax.checkpoints.manager import restore_params
 
-    from lvlm_jax.checkpoints.manager import checkpoint_dir
-
-    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data")) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"].params
+    return restore_params(workdir, step, target=abstract_state.params)[0]
 
 
 def _check_workdir(workdir: str, step: int | None) -> int:

@@ -170,19 +170,60 @@ def _host_target(state_dir: str) -> Any:
         if hasattr(m, "shape") and hasattr(m, "dtype") else m, tree)
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
-    """The params of another run's checkpoint (numpy, on the host), for stage chaining and
-    export; the run may have been on any number of processes and devices."""
+def _placed_target(saved: Any, target: Any) -> Any:
+    """The saved params' shapes placed for this run: a parameter that this run has with the same
+    path and shape goes straight onto its sharding in its dtype (each process reads only its
+    shards); any other (a LoRA source's adapters, a head this run lacks, a mismatch for
+    `merge_params` to report) is replicated over the same mesh."""
+    from lvlm_jax.param_paths import flat_paths, path_of
+
+    mine = flat_paths(target)
+    mesh = next(iter(mine.values())).sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(kp, m):
+        own = mine.get(path_of(kp))
+        if own is not None and tuple(own.shape) == tuple(m.shape):
+            return jax.ShapeDtypeStruct(own.shape, own.dtype, sharding=own.sharding)
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
+
+    return jax.tree_util.tree_map_with_path(place, saved)
+
+
+def restore_params(workdir: str, step: int | None = None, target: Any = None
+                   ) -> tuple[Any, int]:
+    """The params of another run's checkpoint, for stage chaining and export; the run may have
+    been on any number of processes and devices.
+
+    Without `target`: numpy, whole on the host (export, tools). With `target` (this run's
+    abstract params: ShapeDtypeStructs with shardings): only the params are read (not the
+    optimizer state), each straight onto this run's sharding (`_placed_target`), so no host
+    ever holds the whole model, which a multi-host run could not."""
     directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory) and os.path.isdir(os.path.join(workdir, "params")):
+        # `lvlm import` output (params only, as step 0): HF weights that start a run.
+        from lvlm_jax.checkpoints.export import load_params_only
+
+        return load_params_only(workdir)[1], 0
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} holds no checkpoints (no {directory})")
     with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-        target = _host_target(os.path.join(directory, str(step), "state"))
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
+        state_dir = os.path.join(directory, str(step), "state")
+        if target is None:
+            args = ocp.args.StandardRestore(_host_target(state_dir))
+        else:
+            saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+            item = {"params": _placed_target(saved["params"], target)}
+            args = ocp.args.PyTreeRestore(
+                item=item, partial_restore=True, restore_args=jax.tree.map(
+                    lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                   dtype=s.dtype), item))
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
     state = restored["state"]
     params = state["params"] if isinstance(state, dict) else state.params
+    if target is not None:
+        return params, step
     return jax.tree.map(lambda x: jax.device_get(x), params), step

@@ -40,7 +40,12 @@ def merge_params(own: Any, loaded: Any, include: Any = None) -> tuple[Any, str]:
         from lvlm_jax.param_paths import path_of
 
         path = path_of(kp)
-        return np.asarray(theirs[path]).astype(x.dtype) if path in take else x
+        if path not in take:
+            return x
+        value = theirs[path]
+        # Arrays already on their devices (restored onto this run's shardings) stay there.
+        return value.astype(x.dtype) if isinstance(value, jax.Array) else (
+            np.asarray(value).astype(x.dtype))
 
     merged = jax.tree_util.tree_map_with_path(pick, own)
     report = (f"loaded {len(loaded_paths)} parameters, missing {len(missing)}"

@@ -316,10 +316,12 @@ def _initial_params(cfg, setup: Setup, log) -> Any:
     from lvlm_jax.checkpoints.manager import restore_params
     from lvlm_jax.checkpoints.partial import merge_params
 
-    params, step = restore_params(cfg.checkpoint.init_from)  # whole, on every host
+    # Read straight onto this run's shardings: no host holds the whole model.
+    params, step = restore_params(cfg.checkpoint.init_from,
+                                  target=setup.abstract_state.params)
     params = lora_lib.merge(params)  # a LoRA run hands on its merged weights
     # This run's own params stay where they are (on several hosts they cannot be fetched to
-    # one); the loaded ones replace them leaf by leaf, and `_start_from` shards the result.
+    # one); the loaded ones replace them leaf by leaf.
     merged, report = merge_params(setup.state.params, params,
                                   cfg.checkpoint.get("init_from_include"))
     log(f"init_from {cfg.checkpoint.init_from} (step {step}): {report}")
@@ -376,9 +378,11 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
             metrics = evaluate(state, step)
             writer.write(step, metrics)
             ckpt.record(step, metrics)
-        if stop.requested or ckpt.should_save(step):
+        # Every process asks every step: on several hosts the answer is agreed among them.
+        stopping = stop.should_stop(step)
+        if stopping or ckpt.should_save(step):
             ckpt.save(step, state, batches)
-        return stop.requested
+        return stopping
 
     # ---- loop --------------------------------------------------------------------------
     try:

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,15 +263,17 @@ def load_reward_model(workdir: str, ctx: LossContext, mesh: Any, rules: Any
 
     model_cfg = read_model_config(workdir)
     model = build_model(model_cfg, platform=sharding.mesh_platform(mesh))
-    params, _ = restore_params(workdir)
+    init = with_extra_params(lambda r: model.init(r, **dummy_inputs(model_cfg))["params"],
+                             reward.STAGE, model_cfg)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.logical_shardings(abstract, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          flax.linen.unbox(abstract), shardings)
+    params, _ = restore_params(workdir, target=target)  # read onto its shards, on every host
     params = lora.merge(params)
     if reward.HEAD not in params:
         raise ValueError(f"reward_model={workdir!r} has no {reward.HEAD!r} params: it is not a "
                          "run of the `reward` stage")
-    init = with_extra_params(lambda r: model.init(r, **dummy_inputs(model_cfg))["params"],
-                             reward.STAGE, model_cfg)
-    shardings = sharding.logical_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh,
-                                           rules)
     params = jax.device_put(params, shardings)
     return dataclasses.replace(ctx, model=model), params
 
