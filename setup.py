@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     # but does not declare it
     "importlib_resources>=6.0",
     "sentencepiece>=0.2.0",
+    "protobuf>=3.20",  # sentencepiece's model proto (data_pipelines/tokenizer_sp.py)
+    "tokenizers>=0.19",  # tokenizer.json checkpoints; 0.19 reads Llama-3's "ignore_merges"
     "ml_collections>=1.1.0",
     "numpy>=1.26",
     "pillow>=10.0",

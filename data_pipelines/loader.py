@@ -34,7 +34,7 @@ from data_pipelines.packing import pack_first_fit
 from data_pipelines.skips import DropSkipped, Skipped
 from data_pipelines.synthetic import DESCRIBE_SHARE, SyntheticShapes
 from data_pipelines.templates import TextTokenizer, get_template
-from data_pipelines.tokenizer import Tokenizer, train_chat_tokenizer
+from data_pipelines.tokenizer import open_tokenizer, train_chat_tokenizer
 
 # The encoders live in encoders.py; they stay importable from here, where callers long found them.
 __all__ = [
@@ -311,7 +311,7 @@ def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDat
     return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
-def demo_tokenizer(cache_dir: str | os.PathLike) -> Tokenizer:
+def demo_tokenizer(cache_dir: str | os.PathLike) -> TextTokenizer:
     """The demo's SentencePiece model, trained once on the synthetic corpus and template words.
 
     Training is deterministic; the model is cached as `cache_dir/demo_tokenizer_v2.model`. The
@@ -325,4 +325,4 @@ def demo_tokenizer(cache_dir: str | os.PathLike) -> Tokenizer:
             SyntheticShapes(seed=0).corpus(500), str(tmp_prefix), DEMO_VOCAB_SIZE)
         os.replace(model, path)  # atomic: concurrent trainers write the same model
         Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
-    return Tokenizer(str(path))
+    return open_tokenizer(str(path))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-IMAGE_MARK = "<image>"
+from data_pipelines.tokenizer_base import IMAGE_MARK, TextTokenizer
+
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -37,18 +38,6 @@ _ROLES = {
 }
 
 
-class TextTokenizer(Protocol):
-    """What a template needs of a tokenizer (data_pipelines.tokenizer.Tokenizer has it)."""
-
-    bos_id: int
-    eos_id: int
-    image_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def piece_to_id(self, piece: str) -> int: ...
-    def id_to_piece(self, piece_id: int) -> str: ...
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """How turns are laid out; only the assistant reply and `assistant_end` are supervised."""
@@ -63,6 +52,10 @@ class ChatTemplate:
     assistant_after: tuple[str, ...] = ()  # after the end-of-turn; not supervised
     user_text: bool = True  # plain (LLaVA pretraining) keeps only the images of a user turn
     system_in_first_user: bool = False  # gemma has no system role: it prefixes the first user turn
+    # Joins two adjacent text parts in the conversation's text (render_text). Vicuna's spaces:
+    # a sentencepiece model that never reads special tokens in text (ours) adds each one itself,
+    # as its "▁" before every part it encodes.
+    sep: str = ""
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -88,6 +81,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
             user_turn=("USER:", CONTENT),
             assistant_prefix=("ASSISTANT:",),
             assistant_end=(EOS,),
+            sep=" ",
         ),
         ChatTemplate(
             "llama3",
@@ -156,7 +150,7 @@ def encode_part(part: str, tokenizer: TextTokenizer) -> list[int]:
     if part in SPECIAL_MARKERS:
         # Looked up, not encoded: encoding adds a dummy-prefix piece before a symbol at the start.
         piece_id = tokenizer.piece_to_id(part)
-        if tokenizer.id_to_piece(piece_id) == part:
+        if piece_id is not None and tokenizer.id_to_piece(piece_id) == part:
             return [piece_id]
     return list(tokenizer.encode(part))
 
@@ -178,6 +172,34 @@ def end_of_turn_ids(template: str, tokenizer: TextTokenizer) -> list[int]:
     return [i for part in parts for i in encode_part(part, tokenizer)]
 
 
+Block = tuple[Sequence[str], str, bool, bool]  # (parts, content, supervised, keep_text)
+
+
+def _layout(spec: ChatTemplate, conversations: Sequence[dict[str, Any]],
+            add_generation_prompt: bool) -> Iterator[Block]:
+    """The template's parts for each turn, in order, with what fills CONTENT."""
+    turns = [(_role(t), str(t["value"])) for t in conversations]
+    system = next((v for r, v in turns if r == "system"), spec.system)
+    turns = [(r, v) for r, v in turns if r != "system"]
+    if system is not None and spec.user_text:
+        if spec.system_in_first_user and turns and turns[0][0] == "user":
+            turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
+        elif not spec.system_in_first_user:
+            yield spec.system_turn, system, False, True
+    for role, value in turns:
+        if role == "user":
+            yield spec.user_turn, value, False, spec.user_text
+            continue
+        if IMAGE_MARK in value:
+            raise ValueError(f"{IMAGE_MARK} in an assistant reply: {value!r}")
+        yield spec.assistant_prefix, "", False, True
+        yield (CONTENT,), value, True, True
+        yield spec.assistant_end, "", True, True
+        yield spec.assistant_after, "", False, True
+    if add_generation_prompt:
+        yield spec.assistant_prefix, "", False, True
+
+
 def render(
     template: str,
     conversations: Sequence[dict[str, Any]],
@@ -187,19 +209,24 @@ def render(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (int32) and a loss mask (bool): True exactly on reply and end-of-turn tokens.
 
-    Each part is tokenized on its own, so the mask boundary never falls inside a token. Each
-    `<image>` in a user turn becomes `image_tokens` copies of the tokenizer's image id.
+    Each `<image>` in a user turn becomes `image_tokens` copies of the tokenizer's image id.
     `add_generation_prompt` appends the assistant prefix, for prompting a model to reply.
+
+    A tokenizer that reads special tokens in text (a checkpoint's, as transformers does) gets the
+    conversation's text (`render_text`) in one piece, so the ids are exactly HF's for that text
+    (after bos); a token that straddles the start of a reply is supervised. Our own
+    sentencepiece models get each part on its own, so the mask boundary never falls inside a
+    token.
     """
     spec = get_template(template)
     if image_tokens < 1:
         raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
+    if getattr(tokenizer, "special_tokens_in_text", False):
+        return _render_whole(spec, conversations, tokenizer, image_tokens, add_generation_prompt)
     ids: list[int] = [tokenizer.bos_id] if spec.bos else []
     mask: list[bool] = [False] * len(ids)
-
-    def emit(
-        parts: Sequence[str], content: str = "", supervised: bool = False, keep_text: bool = True
-    ) -> None:
+    for parts, content, supervised, keep_text in _layout(spec, conversations,
+                                                         add_generation_prompt):
         for part in parts:
             if part == CONTENT:
                 new = _encode_content(content, tokenizer, image_tokens, keep_text)
@@ -207,28 +234,67 @@ def render(
                 new = encode_part(part, tokenizer)
             ids.extend(new)
             mask.extend([supervised] * len(new))
-
-    turns = [(_role(t), str(t["value"])) for t in conversations]
-    system = next((v for r, v in turns if r == "system"), spec.system)
-    turns = [(r, v) for r, v in turns if r != "system"]
-    if system is not None and spec.user_text:
-        if spec.system_in_first_user and turns and turns[0][0] == "user":
-            turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
-        elif not spec.system_in_first_user:
-            emit(spec.system_turn, system)
-    for role, value in turns:
-        if role == "user":
-            emit(spec.user_turn, value, keep_text=spec.user_text)
-            continue
-        if IMAGE_MARK in value:
-            raise ValueError(f"{IMAGE_MARK} in an assistant reply: {value!r}")
-        emit(spec.assistant_prefix)
-        emit([CONTENT], value, supervised=True)
-        emit(spec.assistant_end, supervised=True)
-        emit(spec.assistant_after)
-    if add_generation_prompt:
-        emit(spec.assistant_prefix)
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+
+
+def _text_spans(spec: ChatTemplate, conversations: Sequence[dict[str, Any]],
+                tokenizer: TextTokenizer, image_tokens: int, add_generation_prompt: bool
+                ) -> list[tuple[str, bool]]:
+    """The conversation's text as (text, supervised) spans, joined by nothing."""
+    spans: list[tuple[str, bool]] = []
+    after_text = False
+    for parts, content, supervised, keep_text in _layout(spec, conversations,
+                                                         add_generation_prompt):
+        for part in parts:
+            if part == CONTENT:
+                chunks = content.split(IMAGE_MARK)
+                block = IMAGE_MARK * image_tokens
+                text = block.join(chunks) if keep_text else block * (len(chunks) - 1)
+            else:
+                text = tokenizer.id_to_piece(tokenizer.eos_id) if part == EOS else part
+            is_text = part not in (EOS, *SPECIAL_MARKERS)
+            if spec.sep and is_text and after_text:
+                spans.append((spec.sep, supervised))  # a reply's leading space is the reply's
+            spans.append((text, supervised))
+            after_text = is_text
+    return spans
+
+
+def render_text(
+    template: str,
+    conversations: Sequence[dict[str, Any]],
+    tokenizer: TextTokenizer,
+    image_tokens: int = 1,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The text `render` tokenizes for a tokenizer that reads special tokens in text, without
+    the template's bos: each `<image>` repeated `image_tokens` times (as HF processors expand
+    it), the eos as its token's text. An HF chat template of the same layout renders
+    bos + this (llama3) or this (chatml)."""
+    spec = get_template(template)
+    spans = _text_spans(spec, conversations, tokenizer, image_tokens, add_generation_prompt)
+    return "".join(text for text, _ in spans)
+
+
+def _render_whole(spec: ChatTemplate, conversations: Sequence[dict[str, Any]],
+                  tokenizer: TextTokenizer, image_tokens: int, add_generation_prompt: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    spans = _text_spans(spec, conversations, tokenizer, image_tokens, add_generation_prompt)
+    text = "".join(t for t, _ in spans)
+    # Supervised characters, summed: a token is supervised when its span holds one of them.
+    supervised = np.concatenate([[0], np.cumsum(np.concatenate(
+        [np.full(len(t), s, dtype=np.int64) for t, s in spans] or [np.zeros(0, np.int64)]))])
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    starts = np.asarray([a for a, _ in offsets], np.int64).reshape(-1)
+    ends = np.maximum(np.asarray([b for _, b in offsets], np.int64).reshape(-1),
+                      np.minimum(starts + 1, len(text)))  # an empty span reads its next char
+    mask = supervised[ends] > supervised[starts]
+    images = sum(t.count(IMAGE_MARK) for t, _ in spans)
+    if ids.count(tokenizer.image_id) != images:
+        raise ValueError(f"{tokenizer.path} does not encode {IMAGE_MARK} as one token")
+    bos = [tokenizer.bos_id] if spec.bos and tokenizer.bos_id is not None else []
+    return (np.asarray(bos + list(ids), dtype=np.int32),
+            np.concatenate([np.zeros(len(bos), bool), mask]).astype(bool))
 
 
 def _role(turn: dict[str, Any]) -> str:

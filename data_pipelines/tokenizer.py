@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: training one on text lines, and a wrapper with the ids models need."""
+"""Tokenizers: `open_tokenizer` picks the backend a path holds (SentencePiece or HF
+`tokenizers`), and SentencePiece training for `lvlm data train-tokenizer` and the demo."""
 
 from __future__ import annotations
 
@@ -9,7 +10,20 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-IMAGE_MARK = "<image>"
+from data_pipelines.tokenizer_base import (
+    IMAGE_MARK,
+    MEDIA_MARKS,
+    VIDEO_MARK,
+    TextTokenizer,
+    read_config,
+)
+from data_pipelines.tokenizer_hf import TOKENIZER_FILE, HFTokenizer
+from data_pipelines.tokenizer_sp import MODEL_FILE, SentencePieceTokenizer
+
+__all__ = ["IMAGE_MARK", "MEDIA_MARKS", "VIDEO_MARK", "HFTokenizer", "SentencePieceTokenizer",
+           "TextTokenizer", "Tokenizer", "open_tokenizer", "read_corpus", "train_chat_tokenizer",
+           "train_corpus_files", "train_tokenizer"]
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -93,58 +107,29 @@ def train_corpus_files(paths: Sequence[str | os.PathLike], out_prefix: str, voca
         raise ValueError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from e
 
 
-class Tokenizer:
-    """A trained SentencePiece model with the special ids (pad 0, unk 1, bos 2, eos 3)."""
+def open_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer at `path`: a `.model` file, or a folder holding only tokenizer.model ->
+    SentencePiece; a tokenizer.json file, or a folder holding one -> HF `tokenizers` (a folder
+    with both is read as transformers reads it: tokenizer.json). tokenizer_config.json beside
+    either gives the special tokens and the chat template."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path} (give a SentencePiece .model, a "
+                                "tokenizer.json or a checkpoint folder holding one)")
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+        path = path / TOKENIZER_FILE
+    elif path.is_dir() and (path / MODEL_FILE).is_file():
+        path = path / MODEL_FILE
+    if path.is_file() and path.suffix == ".model":
+        return SentencePieceTokenizer(str(path), read_config(folder), path=str(path))
+    if path.is_file() and path.suffix == ".json":
+        return HFTokenizer(str(path), read_config(folder), path=str(path))
+    raise ValueError(
+        f"{path} is not a tokenizer this framework reads: give a SentencePiece .model, a "
+        f"tokenizer.json, or a folder holding {MODEL_FILE} or {TOKENIZER_FILE} (for another "
+        "format, `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)` in transformers "
+        f"writes {TOKENIZER_FILE})")
 
-    def __init__(self, model_path: str):
-        self.model_path = str(model_path)
-        if not Path(self.model_path).is_file():
-            raise FileNotFoundError(
-                f"tokenizer model not found: {self.model_path} "
-                "(train one with data_pipelines.tokenizer.train_tokenizer)"
-            )
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
 
-    # Pickled by path, so grain worker processes load their own copy of the model.
-    def __getstate__(self) -> dict[str, str]:
-        return {"model_path": self.model_path}
-
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__init__(state["model_path"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def image_id(self) -> int:
-        """The id of `<image>`; a model trained without that symbol has none and raises."""
-        piece_id = self._sp.piece_to_id(IMAGE_MARK)
-        if piece_id == self._sp.unk_id():
-            raise ValueError(f"{self.model_path} has no {IMAGE_MARK} token")
-        return piece_id
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Decodes all of `ids` (no stopping at eos); pad, bos and eos decode to nothing."""
-        return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
-
-    def id_to_piece(self, piece_id: int) -> str:
-        return self._sp.id_to_piece(int(piece_id))
-
-    def piece_to_id(self, piece: str) -> int:
-        return self._sp.piece_to_id(piece)
+Tokenizer = open_tokenizer  # the name from when SentencePiece was the only backend

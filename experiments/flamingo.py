@@ -8,11 +8,14 @@ NFNet-F6 (435M) and Mistral-7B's shapes (7.24B) for its 7.1B Chinchilla-style LM
 is within ~1% of Flamingo-9B's. `:tiny` is the same structure at toy sizes for a CPU:
 
     lvlm train --config=experiments/flamingo.py:9b --workdir=DIR \
-        --config.data.path=INTERLEAVED_SHARDS --config.data.tokenizer=mistral/tokenizer.model \
+        --config.data.path=INTERLEAVED_SHARDS --config.data.tokenizer=Mistral-7B-v0.1 \
         --config.checkpoint.init_from=IMPORTED_TOWERS_DIR
     lvlm train --config=experiments/flamingo.py:tiny --workdir=/tmp/flamingo_tiny
 
-Each image is marked in the text by one `<image>` token (`model.image_token_id`); a text token
+The tokenizer is the Mistral-7B checkpoint folder's: its tokenizer.json (HF `tokenizers`, as
+transformers reads it), with `<image>` and `<video>` appended as 32000 and 32001 (the LM's
+vocabulary grows to 32002). Each image is marked in the text by one `<image>` token
+(`model.image_token_id`); a text token
 attends to the media of the most recent marker before it (the paper's masking scheme). The
 one-step CPU check is tests/test_experiment_configs.py.
 
@@ -45,7 +48,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base_config()
     c.stage = "pretrain"  # next-token loss on the text
     execution = {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": True,
-                 "remat_policy": "full"}
+                 "remat_policy": "full", "attention": "xla"}
     if size == "tiny":
         execution = dict(execution, dtype="float32", remat_policy="none")
         vision = {"preset": "siglip_so400m14_224", "image_size": 28, "patch_size": 14,

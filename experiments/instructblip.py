@@ -8,10 +8,13 @@ shapes). The vision tower and the LLM are frozen: only the resampler (and its pr
 LM) trains. `:tiny` is the same structure at toy sizes for a CPU:
 
     lvlm train --config=experiments/instructblip.py:7b --workdir=DIR \
-        --config.data.path=INSTRUCTION_SHARDS --config.data.tokenizer=vicuna/tokenizer.model \
+        --config.data.path=INSTRUCTION_SHARDS \
+        --config.data.tokenizer=vicuna-7b-v1.1/tokenizer.model \
         --config.checkpoint.init_from=BLIP2_IMPORTED_DIR
     lvlm train --config=experiments/instructblip.py:tiny --workdir=/tmp/instructblip_tiny
 
+The tokenizer is Vicuna's SentencePiece tokenizer.model: `<image>` and `<video>` are appended
+(32000, 32001) and the LM's vocabulary grows to 32002 (lvlm_jax/train/input_pipeline.py).
 The instruction the queries read is the prompt of each example (its unsupervised text tokens
 before the first answer token, up to 128), taken from the batch by the loss
 (`stages/base.py:prompt_inputs`) in the LM's vocabulary. `:tiny` runs 30 steps on a CPU (its
@@ -51,7 +54,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base_config()
     c.stage = "sft"  # the loss on the answers
     execution = {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": True,
-                 "remat_policy": "full"}
+                 "remat_policy": "full", "attention": "xla"}
     connector = {"kind": "resampler", "num_queries": 32, "instruction_aware": True,
                  "instruction_vocab": 0, "max_instruction_len": 128}
     if size == "tiny":

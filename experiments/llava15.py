@@ -5,12 +5,12 @@
 `7b`, `13b` or `tiny` (the same structure at toy sizes, for a CPU):
 
     lvlm train --config=experiments/llava15.py:7b_pretrain --workdir=DIR/stage1 \
-        --config.data.path=LCS558K_SHARDS --config.data.tokenizer=vicuna/tokenizer.model
+        --config.data.path=LCS558K_SHARDS --config.data.tokenizer=vicuna-7b-v1.5/tokenizer.model
     lvlm train --config=experiments/llava15.py:7b --workdir=DIR/stage2 \
-        --config.data.path=MIX665K_SHARDS --config.data.tokenizer=vicuna/tokenizer.model \
+        --config.data.path=MIX665K_SHARDS --config.data.tokenizer=vicuna-7b-v1.5/tokenizer.model \
         --config.checkpoint.init_from=DIR/stage1
     lvlm train --config=experiments/llava15.py:7b_lora --workdir=DIR/stage2_lora \
-        --config.data.path=MIX665K_SHARDS --config.data.tokenizer=vicuna/tokenizer.model \
+        --config.data.path=MIX665K_SHARDS --config.data.tokenizer=vicuna-7b-v1.5/tokenizer.model \
         --config.checkpoint.init_from=DIR/stage1
     lvlm export --checkpoint=DIR/stage2_lora --format=hf --out=DIR/llava15_7b_lora_merged
     lvlm compile --config=experiments/llava15.py:7b --topology=v5p-64
@@ -31,6 +31,13 @@ captions) and `--format=llava` (stage 2, llava_v1_5_mix665k.json). Both towers s
 pretrained weights (`lvlm import` of CLIP ViT-L/14-336 and Vicuna-v1.5); the paper's stage 1
 takes ~5.5 h and stage 2 ~20 h for 13B on 8x A100-80GB (about half that for 7B).
 
+The tokenizer is the one Vicuna-v1.5 ships: its SentencePiece tokenizer.model (the
+tokenizer_config.json beside it gives bos/eos/unk; the ids are transformers'). It has no
+`<image>`: `<image>` and `<video>` are appended as ids 32000 and 32001, the 32000-token
+vocabulary of the config grows to 32002, and the imported embedding and LM head gain two rows
+started as transformers' resize_token_embeddings starts them (the run's vocab.json records it;
+its tokenizer/ folder is what stage 2, eval and generate read). Padding uses <unk>, as LLaVA's.
+
 The paper's numbers (Table 4 / Appendix):
     stage 1: 558K image-caption pairs, 1 epoch, batch 256, LR 1e-3, projector only
     stage 2: 665K instruction mix, 1 epoch, batch 128, LR 2e-5, projector + LM (vision frozen)
@@ -45,8 +52,8 @@ The paper's numbers (Table 4 / Appendix):
              (the projector trains in full at 2e-5), batch 128, 1 epoch; about the full
              fine-tune's results (7B-LoRA: VQAv2 ~79.1, GQA ~63.0, TextVQA ~58.2, POPE ~86.4,
              MME ~1476.9, MMBench ~66.1). The paper's lora_dropout of 0.05 has no counterpart
-             here: adapters are merged into the kernels before the model runs. `lvlm export`
-             writes the merged weights.
+             here (lora.dropout is not implemented). The adapters run unmerged in the train
+             step; `lvlm export` writes the merged weights.
 """
 
 from lvlm_jax.config import ConfigDict, base_config
@@ -72,7 +79,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         raise ValueError(f"experiments/llava15.py takes one of: {forms}; got {arg!r}")
     c = base_config()
     execution = {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": True,
-                 "remat_policy": REMAT}
+                 "remat_policy": REMAT, "attention": "xla"}
     if size == "tiny":
         # A CLIP-style tower (CLS token, pre-norm, quick GELU) small enough for a CPU step.
         vision = {"preset": "clip_l14_336", "image_size": 56, "width": 64, "depth": 3,

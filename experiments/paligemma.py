@@ -7,12 +7,15 @@ image + prompt form a bidirectional prefix (prefix-LM) before the causal suffix 
 loss. `:tiny` is the same structure at toy sizes for a CPU:
 
     lvlm train --config=experiments/paligemma.py:3b --workdir=DIR \
-        --config.data.path=CAPTION_SHARDS --config.data.tokenizer=paligemma/tokenizer.model
+        --config.data.path=CAPTION_SHARDS --config.data.tokenizer=paligemma-3b-pt-224
     lvlm compile --config=experiments/paligemma.py:3b --topology=v5e-256
     lvlm train --config=experiments/paligemma.py:tiny --workdir=/tmp/paligemma_tiny
 
 Start both towers from pretrained weights with `lvlm import` of an HF PaliGemma (or SigLIP and
-Gemma) folder and `--config.checkpoint.init_from`. `:tiny` runs 30 steps on the synthetic
+Gemma) folder and `--config.checkpoint.init_from`. The tokenizer is that folder's tokenizer.json
+(Gemma's 256,000 tokens + 1,024 <loc> + 128 <seg> = 257,152, then `<image>` at 257152;
+`<video>` is appended at 257153); the vocabulary is HF's 257,216 rows (padded to a multiple of
+64), so the imported embedding loads as it is. `:tiny` runs 30 steps on the synthetic
 captions on a CPU (its one-step check is tests/test_experiment_configs.py).
 
 The paper's numbers:
@@ -43,7 +46,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = base_config()
     c.stage = "pretrain"  # next-token loss on the suffix (the caption)
     execution = {"dtype": "bfloat16", "param_dtype": "float32", "scan_layers": True,
-                 "remat_policy": "full"}
+                 "remat_policy": "full", "attention": "xla"}
     if size == "tiny":
         vision = {"preset": "siglip_so400m14_224", "image_size": 28, "patch_size": 14,
                   "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4}
@@ -54,7 +57,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                      "remat_policy": "none"}
     else:
         vision = {"preset": "siglip_so400m14_224"}
-        language = {"preset": "gemma_2b", "vocab_size": 257152}
+        language = {"preset": "gemma_2b", "vocab_size": 257216}  # HF's, padded
     c.model.vision = dict(vision, **execution)  # the final, post-normed sequence; no pooling
     c.model.language = dict(language, **execution)
     c.model.connector = {"kind": "projector", "projector": "linear",

@@ -8,15 +8,19 @@ and, as in the paper, trains LoRA adapters (`lora.*`) on the frozen SFT weights;
 value heads train in full:
 
     lvlm train --config=experiments/rlhf.py:13b_reward --workdir=DIR/rm \
-        --config.data.path=PREFERENCE_SHARDS --config.checkpoint.init_from=SFT13B_DIR
+        --config.data.path=PREFERENCE_SHARDS --config.checkpoint.init_from=SFT13B_DIR \
+        --config.data.tokenizer=SFT13B_DIR/tokenizer
     lvlm train --config=experiments/rlhf.py:7b_ppo --workdir=DIR/ppo \
         --config.data.path=PROMPT_SHARDS --config.checkpoint.init_from=SFT7B_DIR \
-        --config.ppo.reward_model=DIR/rm
+        --config.data.tokenizer=SFT7B_DIR/tokenizer --config.ppo.reward_model=DIR/rm
     lvlm train --config=experiments/rlhf.py:7b_dpo --workdir=DIR/dpo \
-        --config.data.path=PREFERENCE_SHARDS --config.checkpoint.init_from=SFT7B_DIR
+        --config.data.path=PREFERENCE_SHARDS --config.checkpoint.init_from=SFT7B_DIR \
+        --config.data.tokenizer=SFT7B_DIR/tokenizer
     lvlm train --config=experiments/rlhf.py:tiny_dpo --workdir=/tmp/rlhf_tiny_dpo
 
-Preference shards come from `lvlm data convert --format=preferences` (records {id, images,
+The tokenizer is the SFT run's own (SFT_DIR/tokenizer: Vicuna's with `<image>` and `<video>`
+appended), so the ids and the 32002-row vocabulary are the SFT model's. Preference shards come
+from `lvlm data convert --format=preferences` (records {id, images,
 prompt, chosen, rejected}); PPO/GRPO prompts are records {id, images, prompt, reference}. The
 `tiny_*` configs run on the built-in synthetic set on a CPU (20 steps; tiny_ppo scores by
 the rule, as no reward-model run is given).

@@ -97,7 +97,7 @@ def load(checkpoint: str, unscan_decoder: bool | None = None) -> Chatbot:
         unscan_decoder = params_platform(vlm.params) == "cpu"
     if unscan_decoder:
         vlm = with_unscanned_decoder(vlm)
-    tokenizer = load_tokenizer(data)
+    tokenizer = load_tokenizer(data, checkpoint)  # the one the run saved, if it did
     if tokenizer.vocab_size > vlm.config.language.vocab_size:
         raise BadInput(f"the run's tokenizer has {tokenizer.vocab_size} pieces but the model's "
                        f"vocabulary is {vlm.config.language.vocab_size}")

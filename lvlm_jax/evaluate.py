@@ -59,7 +59,7 @@ def evaluate_checkpoint(cfg: Any, workdir: str, step: int | None = None,
 
     names = task_names(cfg)  # an unknown task fails before anything is loaded
     step = _check_workdir(workdir, step)
-    tokenizer = input_pipeline.load_tokenizer(cfg.data)
+    tokenizer = input_pipeline.load_tokenizer(cfg.data, workdir)  # the run's saved one
     model_cfg = input_pipeline.resolve_model_config(cfg, tokenizer)
     check_same_model(workdir, model_cfg)
     # The config's mesh over this host's devices, sharding the params as training does.

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlm_jax.checkpoints.vocab_resize import NEW_ROWS, grow_vocab
 from lvlm_jax.param_paths import compile_patterns, flat_paths, matches
 
 
@@ -14,23 +15,25 @@ def merge_params(own: Any, loaded: Any, include: Any = None) -> tuple[Any, str]:
     """`own` with every selected parameter replaced by `loaded`'s.
 
     Returns the merged tree and a one-line report of what was loaded, what was missing (in
-    `own` but not in `loaded`) and what was unexpected (in `loaded` but not in `own`). A shape
-    mismatch fails naming the parameter and both shapes.
+    `own` but not in `loaded`) and what was unexpected (in `loaded` but not in `own`). An
+    embedding or LM head with fewer vocabulary rows than `own`'s grows (vocab_resize.py, named
+    in the report); any other shape mismatch fails naming the parameter and both shapes.
     """
     import jax
 
     patterns = compile_patterns(include)
     mine, theirs = flat_paths(own), flat_paths(loaded)
     selected = {p for p in mine if not patterns or matches(p, patterns)}
-    loaded_paths, missing = [], []
+    loaded_paths, missing, grown = [], [], []
     for path in sorted(selected):
         if path not in theirs:
             missing.append(path)
             continue
         a, b = mine[path], theirs[path]
         if tuple(a.shape) != tuple(np.shape(b)):
-            raise ValueError(f"parameter {path}: checkpoint has shape {tuple(np.shape(b))}, "
-                             f"the model expects {tuple(a.shape)}")
+            # An embedding or LM head with fewer vocabulary rows grows; anything else fails.
+            theirs[path] = grow_vocab(path, b, tuple(a.shape))
+            grown.append(f"{path} {tuple(np.shape(b))} -> {tuple(a.shape)}")
         loaded_paths.append(path)
     unexpected = sorted(p for p in theirs if p not in mine and (not patterns
                                                                  or matches(p, patterns)))
@@ -53,5 +56,7 @@ def merge_params(own: Any, loaded: Any, include: Any = None) -> tuple[Any, str]:
                  if missing else "")
               + f", unexpected {len(unexpected)}"
               + (f" ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
-                 if unexpected else ""))
+                 if unexpected else "")
+              + (f"; grew to the model's vocabulary: {', '.join(grown)} (new rows: {NEW_ROWS})"
+                 if grown else ""))
     return merged, report

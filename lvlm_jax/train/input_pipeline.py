@@ -4,6 +4,7 @@ pipeline of this process's share of every global batch, and the model config it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.mixture import make_mixture_dataset, open_mixture, parse_mixture
 from data_pipelines.skips import has_skip_counts, skip_counts
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.tokenizer import TextTokenizer, open_tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
 
 
@@ -26,22 +27,63 @@ def cache_dir() -> str:
     return path
 
 
-def load_tokenizer(data_cfg: Any) -> Tokenizer:
-    """The configured sentencepiece model, or the demo's (trained once and cached)."""
+RUN_TOKENIZER = "tokenizer"  # the run's tokenizer, saved in its workdir
+VOCAB_RECORD = "vocab.json"  # what the vocabulary is made of, beside it
+
+
+def load_tokenizer(data_cfg: Any, workdir: str | None = None) -> TextTokenizer:
+    """The tokenizer a training run saved in `workdir` (the ids it trained with), else
+    data.tokenizer (a SentencePiece .model, a tokenizer.json, or a checkpoint folder holding
+    one: data_pipelines.tokenizer.open_tokenizer), else the demo's (trained once and cached)."""
+    if workdir and os.path.isdir(os.path.join(workdir, RUN_TOKENIZER)):
+        return open_tokenizer(os.path.join(workdir, RUN_TOKENIZER))
     if data_cfg.tokenizer:
-        return Tokenizer(data_cfg.tokenizer)
+        return open_tokenizer(data_cfg.tokenizer)
     return demo_tokenizer(cache_dir())
 
 
-def resolve_model_config(cfg: Any, tokenizer: Tokenizer) -> VLMConfig:
-    """The model config with the tokenizer's <image> id filled in and the vocabulary checked."""
+def resolve_model_config(cfg: Any, tokenizer: TextTokenizer) -> VLMConfig:
+    """The model config with the tokenizer's <image> id filled in and a vocabulary covering the
+    tokenizer. A model.language.vocab_size below the tokenizer's grows to it (a checkpoint that
+    `checkpoint.init_from` loads then gets new embedding and LM-head rows:
+    lvlm_jax/checkpoints/vocab_resize.py); a larger one (a padded vocabulary, as Qwen2's) stays."""
     model_cfg = vlm_config(cfg.model.to_dict())
     if model_cfg.image_token_id < 0:
         model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_id)
     if tokenizer.vocab_size > model_cfg.language.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but "
-                         f"model.language.vocab_size is {model_cfg.language.vocab_size}")
+        language = dataclasses.replace(model_cfg.language, vocab_size=tokenizer.vocab_size)
+        model_cfg = dataclasses.replace(model_cfg, language=language)
     return model_cfg
+
+
+def save_run_tokenizer(cfg: Any, model_cfg: VLMConfig, workdir: str) -> dict[str, Any]:
+    """Saves the configured tokenizer, with the tokens added to it, to workdir/tokenizer (where
+    generate, eval and later stages read it) and writes workdir/vocab.json: its size and added
+    tokens, the model's vocab_size, and the rows a `checkpoint.init_from` run lacked, which
+    start as transformers' resize_token_embeddings starts them. Returns the record."""
+    from lvlm_jax.checkpoints.export import MODEL_CONFIG, read_model_config
+    from lvlm_jax.checkpoints.vocab_resize import NEW_ROWS
+
+    tokenizer = load_tokenizer(cfg.data)
+    tokenizer.save(os.path.join(workdir, RUN_TOKENIZER))
+    record: dict[str, Any] = {
+        "tokenizer": cfg.data.tokenizer or "the demo's",
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "added_tokens": tokenizer.added_tokens(),
+        "image_id": model_cfg.image_token_id,
+        "config_vocab_size": vlm_config(cfg.model.to_dict()).language.vocab_size,
+        "model_vocab_size": model_cfg.language.vocab_size,
+    }
+    source = cfg.checkpoint.init_from
+    if source and os.path.isfile(os.path.join(source, MODEL_CONFIG)):
+        rows = read_model_config(source).language.vocab_size
+        if rows < model_cfg.language.vocab_size:
+            record["init_from"] = {"path": source, "vocab_size": rows,
+                                   "new_rows": [rows, model_cfg.language.vocab_size],
+                                   "new_rows_init": NEW_ROWS}
+    with open(os.path.join(workdir, VOCAB_RECORD), "w") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False)
+    return record
 
 
 def image_size(cfg: Any, model_cfg: VLMConfig) -> int:

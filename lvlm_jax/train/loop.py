@@ -355,6 +355,8 @@ def train(cfg, workdir: str, batches: Iterator | None = None, model_cfg=None,
         # As configured ("auto" kernels stay "auto"): what export and generate rebuild, for
         # whatever platform they run on.
         write_model_config(setup.model_cfg, workdir)
+        if own_batches:  # the ids it trains with, for generate, eval and later stages
+            input_pipeline.save_run_tokenizer(cfg, setup.model_cfg, workdir)
     # ---- state: resumed, chained from another run, or fresh ----------------------------
     ckpt = Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                         every_minutes=cfg.checkpoint.every_minutes,

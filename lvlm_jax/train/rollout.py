@@ -169,16 +169,19 @@ def decode_responses(tokens: np.ndarray, tokenizer: Any, stop_ids: Sequence[int]
     the tokenizer lacks (the model's vocabulary may be larger) decodes as <unk>, so such a
     response never matches a reference."""
     drop = {tokenizer.pad_id, tokenizer.image_id}
-    vocab, unk = tokenizer.vocab_size, tokenizer.piece_to_id("<unk>")
+    vocab, unk = tokenizer.vocab_size, tokenizer.unk_id
     texts = []
     for row in np.asarray(tokens).tolist():
-        kept = []
+        kept, outside = [], False
         for t in row:
             if t in stop_ids:
                 break
             if t not in drop:
+                outside |= not 0 <= t < vocab
                 kept.append(t if 0 <= t < vocab else unk)
-        texts.append(tokenizer.decode(kept).strip())
+        text = tokenizer.decode([t for t in kept if t is not None]).strip()
+        # A tokenizer without <unk> (Llama-3's) marks such a response with U+FFFD instead.
+        texts.append(text + "\ufffd" if outside and unk is None else text)
     return texts
 
 
