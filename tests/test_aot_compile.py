@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from lvlm_jax import aot, cli, hlo_stats  # noqa: E402
 from lvlm_jax import config as config_lib  # noqa: E402
+from lvlm_jax.models import layers  # noqa: E402
 from lvlm_jax.train import flops as flops_lib  # noqa: E402
 from lvlm_jax.train import loop  # noqa: E402
 
@@ -249,6 +250,45 @@ def test_roofline_adds_collectives_to_the_slower_of_compute_and_memory(v5e_8_rep
     text = aot.format_report(r)
     assert "collectives per step, per chip" in text and "predicted step" in text
     assert f"MFU {100 * f['mfu']:.0f}%" in text
+
+
+def test_tiny_llava_with_splash_attention_compiles_for_v5p_8_under_shard_map(monkeypatch):
+    """fsdp=2 x tensor=2 on a v5p-8's 4 chips, splash in both towers. The Pallas kernel runs in
+    a shard_map over the mesh (models/splash.py); given no mesh, it is left to the partitioner,
+    which refuses it, as every multi-chip splash step did before."""
+    cfg = tiny(**{"mesh.ici.fsdp": 2, "mesh.ici.tensor": 2, "data.batch_size": 4,
+                  "model.language.attention": "splash", "model.vision.attention": "splash",
+                  "model.language.num_kv_heads": 1})  # one kv head: a copy per tensor shard
+    # At the default precision: the suite's "highest" (exact fp32 CPU matmuls) has no Mosaic
+    # form for bf16 operands (test_splash_refuses_a_matmul_precision_mosaic_cannot_compile).
+    with monkeypatch.context() as mp, jax.default_matmul_precision("default"):
+        mp.setattr(layers, "current_activation_mesh", lambda: None)
+        with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
+            aot.compile_report(cfg, "v5p-8")
+    texts = []
+    compile_with_hlo = aot.compile_with_hlo
+
+    def keeping_text(lowered):
+        compiled, text = compile_with_hlo(lowered)
+        texts.append(text)
+        return compiled, text
+
+    monkeypatch.setattr(aot, "compile_with_hlo", keeping_text)
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_report(cfg, "v5p-8")
+    assert (r["chip"], r["chips"]) == ("v5p", 4)
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "sequence": 1}
+    assert r["fits"] is True and r["error"] is None
+    kernels = re.findall(r"%(splash_mqa_[\w.]+) = (.*?) custom-call\(", texts[0])
+    names = {name.split(".")[0] for name, _ in kernels}
+    # The decoder's unpacked rows take the causal mask alone, forward and backward; the frozen
+    # vision tower's 17 tokens, padded to a 128 block, segment ids, forward only.
+    assert {"splash_mqa_fwd_residuals", "splash_mqa_dq_no_residuals",
+            "splash_mqa_dkv_no_residuals"} <= names
+    assert any(name.startswith("splash_mqa_fwd_segmented") for name in names), names
+    # Per chip: 2 of the 4 rows, and of the 4 query heads the 2 that share its kv head copy.
+    decoder = [shapes for name, shapes in kernels if name.startswith("splash_mqa_fwd_res")]
+    assert all(re.search(r"bf16\[2,2,128,16\]", shapes) for shapes in decoder), decoder
 
 
 def test_chip_table_covers_every_generation():

@@ -1,5 +1,7 @@
 """Every attention implementation agrees with the XLA reference, and the reference with numpy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,8 +116,6 @@ def _skip_unsupported(implementation, case, dtype):
             pytest.skip("cuDNN flash attention needs an NVIDIA GPU")
         if dtype == jnp.float32:
             pytest.skip("cuDNN flash attention takes only fp16/bf16 inputs")
-    if implementation == "splash" and case == "prefix_lm":
-        pytest.skip("splash has no prefix-LM mask (test_splash_rejects_prefix_lm_mask)")
 
 
 @pytest.mark.parametrize("case", ("causal", "packed", "prefix_lm"))
@@ -212,10 +212,62 @@ def test_splash_decode_step_matches_xla_reference():
                                    dot_product_attention(q, k, v, mask), q_seg, FP32_TOL)
 
 
-def test_splash_rejects_prefix_lm_mask():
-    mask = _mask(*_case("prefix_lm"))
-    with pytest.raises(NotImplementedError, match="prefix-LM"):
-        splash_attention_interpret(*_qkv(jnp.float32), mask, HEAD_DIM ** -0.5)
+def _packed_prefix_rows():
+    """Four rows of prefix-LM samples: two packed samples then right padding (each sample's
+    prefix leads it), left padding, a row that is all prefix (HF's default without token
+    types), and a row of padding only (no real key at all)."""
+    seg = np.ones((4, T), np.int32)
+    seg[0, 60:110], seg[0, 110:] = 2, 0
+    seg[1, :10] = 0
+    seg[3] = 0
+    prefix = np.zeros((4, T), bool)
+    prefix[0, :20], prefix[0, 60:90], prefix[1, 10:50], prefix[2] = True, True, True, True
+    return seg, _positions(seg), prefix
+
+
+def _loss_and_grads(implementation, q, k, v, mask, valid):
+    """sum(out * w) over the real queries, and its gradients by q, k and v."""
+    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), q.dtype)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, mask, implementation=implementation)
+        return jnp.sum(jnp.where(valid[:, :, None, None], out * w, 0.0)), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+
+def test_splash_prefix_lm_and_segments_match_xla_reference_forward_and_gradients():
+    seg, pos, prefix = _packed_prefix_rows()
+    mask = _mask(seg, pos, prefix, True, False)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, T, h, HEAD_DIM)), jnp.float32)
+               for h in (HEADS, KV_HEADS, KV_HEADS))
+    valid = jnp.asarray(seg != 0)
+    (loss, out), grads = _loss_and_grads("splash_interpret", q, k, v, mask, valid)
+    (ref_loss, ref_out), ref_grads = _loss_and_grads("xla", q, k, v, mask, valid)
+    _assert_close_on_valid_queries(out, ref_out, seg, FP32_TOL)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    # Every gradient is finite, the padding row's included: the discarded branch of each
+    # query and the row with no real key bring no NaN.
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, ref, **FP32_TOL)
+    assert np.abs(np.asarray(grads[1])[3]).max() == 0  # no real query reads row 3's keys
+
+
+def test_splash_refuses_a_matmul_precision_mosaic_cannot_compile():
+    q, k, v = _qkv(jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        with pytest.raises(ValueError, match="bfloat16 inputs cannot run at "
+                                             "jax_default_matmul_precision='highest'"):
+            jax.eval_shape(functools.partial(dot_product_attention, implementation="splash"),
+                           q, k, v, None)
+        # fp32 inputs at "highest", and the interpreter at any precision, are fine.
+        q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
+        jax.eval_shape(functools.partial(dot_product_attention, implementation="splash"),
+                       q32, k32, v32, None)
+        jax.eval_shape(functools.partial(dot_product_attention,
+                                         implementation="splash_interpret"), q, k, v, None)
 
 
 def test_unknown_implementation_and_bad_head_counts_are_rejected():
@@ -225,3 +277,53 @@ def test_unknown_implementation_and_bad_head_counts_are_rejected():
     q3, k3, v3 = _qkv(jnp.float32, t=4, s=4, heads=8, kv_heads=3)
     with pytest.raises(ValueError, match="not a multiple"):
         dot_product_attention(q3, k3, v3, None)
+
+
+@pytest.mark.parametrize("packing", ("none", "first_fit"))
+def test_cudnn_gets_the_causal_flag_for_unpacked_rows_and_a_dense_mask_otherwise(monkeypatch,
+                                                                                 packing):
+    """What the train step hands jax.nn.dot_product_attention with attention="cudnn": the
+    loader's unpacked rows (one right-padded sample each) get is_causal and no mask; packed
+    rows the dense [b, 1, t, t] mask. cuDNN itself needs an NVIDIA GPU: the spy passes the
+    arguments on to XLA's implementation, and this checks the trace, not the kernel."""
+    from training_utils import tiny_config
+
+    from lvlm_jax.train import loop
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+        calls.append((implementation, kw.get("is_causal", False),
+                      None if mask is None else mask.shape))
+        return real(q, k, v, bias, mask, **kw)
+
+    cfg = tiny_config(**{"data.packing": packing})
+    cfg.model.language = {**cfg.model.language, "attention": "cudnn"}
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    setup = loop.plan(cfg)
+    calls.clear()  # the step's calls, not those of the model's init
+    jax.eval_shape(setup.step_fn, setup.abstract_state, setup.abstract_batch())
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    expected = ("cudnn", True, None) if packing == "none" else ("cudnn", False, (b, 1, t, t))
+    assert calls and set(calls) == {expected}
+
+
+def test_plain_causal_is_ignored_where_the_kernels_causal_mask_would_be_wrong(monkeypatch):
+    """A prefix (PaliGemma) or a query block into a longer KV cache keeps the dense mask."""
+    calls = []
+
+    def spy(q, k, v, mask=None, *, is_causal=False, **kw):
+        calls.append((is_causal, None if mask is None else mask.shape))
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = _qkv(jnp.bfloat16)
+    seg, pos, prefix, causal, _ = _case("prefix_lm")
+    dot_product_attention(q, k, v, _mask(seg, pos, prefix, causal, True), implementation="cudnn")
+    seg, pos = (jnp.asarray(a) for a in _case("causal")[:2])
+    decode = MaskInfo(seg[:, -1:], seg, pos[:, -1:], pos, plain_causal=True)
+    dot_product_attention(q[:, -1:], k, v, decode, implementation="cudnn")
+    dot_product_attention(q, k, v, MaskInfo.for_sequence(seg, pos, plain_causal=True),
+                          implementation="cudnn")
+    assert calls == [(False, (B, 1, T, T)), (False, (B, 1, 1, T)), (True, None)]

@@ -13,7 +13,9 @@ Implementations, chosen by config:
   "xla_autodiff"  the same forward, differentiated by JAX (forward-over-reverse, Hessians).
   "jax"    jax.nn.dot_product_attention with XLA's own choice of kernel.
   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn"): flash attention on NVIDIA GPUs.
-  "splash" the Pallas splash-attention kernel on TPU (causal + segment ids).
+  "splash" the Pallas splash-attention kernel on TPU (causal, segment ids, prefix-LM), under
+           shard_map over the model's mesh: models/splash.py.
+  "splash_interpret"  the same kernel in the Pallas interpreter: any backend, slow (tests).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lvlm_jax.models import layers
+from lvlm_jax.models import layers, splash
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "xla_autodiff", "jax", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "xla_autodiff", "jax", "cudnn", "splash", "splash_interpret")
 
 
 @flax.struct.dataclass
@@ -41,8 +43,11 @@ class MaskInfo:
     q_prefix: Array | None = None
     kv_prefix: Array | None = None
     causal: bool = flax.struct.field(pytree_node=False, default=True)
-    # True when the caller guarantees no padding, no packing, no prefix and positions = arange:
-    # fused kernels can then use their built-in causal mask instead of a dense one.
+    # True when the caller guarantees one sample a row, right-padded (no packing, no left
+    # padding) with positions = arange on its tokens, as the loader's unpacked training rows
+    # are (stages/base.py, `plain_causal_rows`): "jax"/"cudnn" then use the kernel's built-in
+    # causal mask instead of a dense one, "splash" no segment ids. Ignored with a prefix or when
+    # q and kv lengths differ.
     plain_causal: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
@@ -164,7 +169,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _jax_attention(q, k, v, mask: MaskInfo | None, scale: float, implementation: str | None):
-    if mask is not None and mask.plain_causal:
+    if (mask is not None and mask.plain_causal and mask.q_prefix is None
+            and q.shape[1] == k.shape[1]):
+        # The kernel's own causal mask, no [b, 1, t, s] array. No per-row lengths either: with
+        # right padding a real query's causal window holds only real keys, and a padding mask
+        # would leave a row of padding only (length 0) with no key at all.
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                             implementation=implementation)
     dense = None if mask is None else mask.dense()
@@ -173,58 +182,18 @@ def _jax_attention(q, k, v, mask: MaskInfo | None, scale: float, implementation:
 
 
 def _splash_attention(q, k, v, mask: MaskInfo | None, scale: float, interpret: bool = False):
-    # Imported lazily: the Pallas TPU kernels are only needed on TPU (or in interpret mode).
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_mask as sm,
-    )
-
-    if mask is not None and mask.q_prefix is not None:
-        raise NotImplementedError("splash attention does not take a prefix-LM mask; use 'xla'")
-    b, t, h, d = q.shape
-    s = k.shape[1]
-    if mask is not None and t != s:
+    if mask is None:
+        return splash.splash_attention(q, k, v, scale=scale, interpret=interpret)
+    if q.shape[1] != k.shape[1]:
         # The kernel's causal mask is by index, so a query block at an offset into a longer
         # KV cache (decoding) would be masked wrongly; its positions need the reference.
         return _xla_attention(q, k, v, mask, scale, None)
-    # The kernel needs lengths that are multiples of its 128-token blocks (CLIP's 577 tokens,
-    # a 600-token LLaVA row): pad, and mark the pads as padding (segment 0).
-    block = 128
-    tp, sp = -(-t // block) * block, -(-s // block) * block
-    if mask is not None:
-        q_seg, kv_seg = mask.q_segment, mask.kv_segment
-    else:  # ones everywhere: every query sees every real key
-        q_seg, kv_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
-    if mask is None and (tp, sp) == (t, s):
-        seg = None
-    else:
-        pad_q = 1 if mask is None else 0  # pad queries must see some key, or they give NaN
-        seg = sk.SegmentIds(
-            q=jnp.pad(q_seg, ((0, 0), (0, tp - t)), constant_values=pad_q),
-            kv=jnp.pad(kv_seg, ((0, 0), (0, sp - s))))
-        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-    if mask is not None and mask.causal:
-        head_mask = sm.CausalMask((tp, sp))
-    else:
-        head_mask = sm.FullMask((tp, sp))
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([head_mask] * (h // k.shape[2])),
-                                              interpret=interpret)
-    kvh = k.shape[2]
-    # [b, kvh, group, t, d] queries against [b, kvh, s, d] keys: one MQA kernel per kv head.
-    qh = (q * scale).reshape(b, tp, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if seg is not None:
-        fn = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))
-        out = fn(qh, kh, vh, seg)
-    else:
-        fn = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0)), in_axes=(0, 0, 0))
-        out = fn(qh, kh, vh)
-    out = out[:, :, :, :t]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    if mask.plain_causal and mask.q_prefix is None:  # the causal mask alone (see MaskInfo)
+        return splash.splash_attention(q, k, v, scale=scale, causal=True, interpret=interpret)
+    return splash.splash_attention(
+        q, k, v, scale=scale, q_segment=mask.q_segment, kv_segment=mask.kv_segment,
+        q_prefix=mask.q_prefix, kv_prefix=mask.kv_prefix, causal=mask.causal,
+        interpret=interpret)
 
 
 def dot_product_attention(
@@ -253,7 +222,8 @@ def dot_product_attention(
         return _jax_attention(q, k, v, mask, scale, None)
     if implementation == "cudnn":
         return _jax_attention(q, k, v, mask, scale, "cudnn")
-    return _splash_attention(q, k, v, mask, scale)
+    return _splash_attention(q, k, v, mask, scale,
+                             interpret=implementation == "splash_interpret")
 
 
 splash_attention_interpret = functools.partial(_splash_attention, interpret=True)

@@ -278,6 +278,12 @@ def activation_mesh(mesh: Any):
         _ACTIVATION_MESH.reset(token)
 
 
+def current_activation_mesh() -> Any:
+    """The mesh of the enclosing `activation_mesh` (None outside one): what `constrain` and the
+    shard_map of Pallas kernels (models/splash.py) place activations on."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x: Array, names: Sequence[str | None]) -> Array:
     """Logical sharding constraint on an activation, under `activation_mesh` and flax's logical
     axis rules; a no-op outside them.

@@ -30,7 +30,7 @@ from lvlm_jax.train.periodic_evals import make_evaluator
 from lvlm_jax.train.preemption import StopFlag
 from lvlm_jax.train.profiling import Profiler, check_profile_steps
 from lvlm_jax.train.stages import LossContext, get_stage
-from lvlm_jax.train.stages.base import extra_param_keys, with_extra_params
+from lvlm_jax.train.stages.base import extra_param_keys, plain_causal_rows, with_extra_params
 from lvlm_jax.train.step import TrainState, make_train_step
 
 
@@ -141,7 +141,7 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     # ---- update step -------------------------------------------------------------------
     ctx = LossContext(model=model, image_mean=tuple(cfg.data.image_mean),
                       image_std=tuple(cfg.data.image_std), loss_chunk=cfg.train.loss_chunk,
-                      config=cfg)
+                      config=cfg, plain_causal=plain_causal_rows(cfg))
     step = make_train_step(ctx, stage, tx, trainable, schedule, cfg.train.grad_accum)
     batch_shardings = {f: sharding.batch_sharding(mesh, 5 if f == "pixel_values" else 2)
                        for f in stage.fields}

@@ -47,6 +47,9 @@ class LossContext:
     config: Any = dataclasses.field(default=None, compare=False)
     # The frozen reference params, set by the train step for stages with uses_reference.
     reference: Any = dataclasses.field(default=None, compare=False)
+    # The batches' rows are one right-padded sample each (`plain_causal_rows`): the decoder's
+    # fused attention ("jax", "cudnn") then uses its kernel's causal mask, no dense one.
+    plain_causal: bool = False
 
     def pixels(self, batch: Mapping[str, Array]) -> Array | None:
         """uint8 images shipped by the loader -> normalised floats, on the device."""
@@ -135,8 +138,17 @@ def bind_reference(stage: Stage) -> Stage:
     return dataclasses.replace(stage, loss=bound)
 
 
+def plain_causal_rows(cfg: Any) -> bool:
+    """Whether the loader's training rows hold one sample each, right-padded, with positions
+    0, 1, ... (data_pipelines/encoders.py): unless packed (data.packing) or rollout prompts
+    (data.kind="prompt", left-padded). A static fact of the config, known when the step is
+    traced; the losses pass it to the model through `LossContext.plain_causal`."""
+    return cfg.data.packing == "none" and cfg.data.kind != "prompt"
+
+
 def model_inputs(ctx: LossContext, batch: Mapping[str, Array]) -> dict[str, Any]:
-    kw: dict[str, Any] = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
+    kw: dict[str, Any] = {"segment_ids": batch["segment_ids"], "positions": batch["positions"],
+                          "plain_causal": ctx.plain_causal}
     if "prefix_mask" in batch:
         kw["prefix_mask"] = batch["prefix_mask"]
     elif "loss_mask" in batch:
@@ -212,7 +224,8 @@ def pair_hidden(ctx: LossContext, params: Any, batch: Mapping[str, Array]) -> Ar
         features = jnp.repeat(features, len(SIDES), axis=0)
     hidden, _ = model.apply(variables, rows["input_ids"], image_features=features,
                             segment_ids=rows["segment_ids"], positions=rows["positions"],
-                            prefix_mask=prompt.get("prefix_mask"), return_hidden=True)
+                            prefix_mask=prompt.get("prefix_mask"), return_hidden=True,
+                            plain_causal=ctx.plain_causal)
     return hidden
 
 
