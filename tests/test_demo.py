@@ -167,6 +167,7 @@ def test_demo_sft_checkpoint_exports_to_transformers_with_equal_logits(two_seeds
     assert cli.main(["export", f"--checkpoint={sft}", "--format=hf", f"--out={out}"]) == 0
     model = transformers.AutoModelForImageTextToText.from_pretrained(str(out)).eval()
     assert type(model).__name__ == "DeepseekVLForConditionalGeneration"
+    assert (out / "tokenizer.model").is_file()  # the run's tokenizer goes with the weights
     ours = lvlm_jax.from_pretrained(str(sft))
     records = synthetic_records("vqa", 2, seed=3, image_size=64)
     tokenizer = demo_tokenizer(input_pipeline.cache_dir())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -106,6 +107,12 @@ def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None)
                          "place for its reward_head; export it with --format=params")
     # A policy trained by PPO carries its value head: HF gets the policy alone.
     export_hf(model_cfg, {k: v for k, v in params.items() if k in MODEL_KEYS}, out)
+    # The tokenizer the run trained with (its added <image>/<video> included) goes along, so
+    # the export's ids are the run's: AutoTokenizer reads it from the same folder.
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(tokenizer_dir):
+        for name in sorted(os.listdir(tokenizer_dir)):
+            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, name))
     dropped = f" (without {', '.join(heads)})" if heads else ""
     return f"exported step {step} of {workdir} as {fmt} to {out}{dropped}"
 
