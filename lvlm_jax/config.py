@@ -152,15 +152,18 @@ def base_config() -> ConfigDict:
                          "clip_eps": 0.2, "group_size": 4, "reward": "rule",
                          "reward_model": "", "epochs": 1})
     # LoRA (lvlm_jax/train/lora.py): rank 0 = off. With rank r, adapters on the kernels matched
-    # by `targets` train (and `trainable` base params); the rest of the model is frozen; the
-    # model runs with W + alpha/r * A @ B.
+    # by `targets` train (and `trainable` base params); the rest of the model is frozen; each
+    # adapted dense layer computes x W + alpha/r * (x A) B, W left unmerged.
     c.lora = ConfigDict({
         "rank": 0,
         "alpha": 16.0,
         "targets": (r"decoder/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                     r"/kernel",),
         "trainable": (),  # regexes of base parameters that train in full beside the adapters
-        "dropout": 0.0,  # only 0 is supported: adapters are merged before the model runs
+        "dropout": 0.0,  # only 0 is supported (not implemented)
+        # True: the train step merges W + alpha/r * A @ B into every kernel on each forward,
+        # as before adapters ran unmerged; only to measure against (bench/lora_aot_memory.py).
+        "merge_on_forward": False,
     })
     return c
 

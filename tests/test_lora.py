@@ -15,7 +15,8 @@ from lvlm_jax.checkpoints.manager import restore_params
 from lvlm_jax.param_paths import flat_paths
 from lvlm_jax.train import loop, lora
 from lvlm_jax.train.optimizer import trainable_mask
-from lvlm_jax.train.stages.base import normalize_pixels
+from lvlm_jax.train.stages import LossContext, get_stage
+from lvlm_jax.train.stages.base import PAIR_TEXT_FIELDS, SIDES, normalize_pixels, with_reference
 
 RANK, ALPHA, STEPS = 4, 8.0, 3
 TARGETS = 7  # q, k, v, o, gate, up, down in each decoder layer
@@ -41,9 +42,10 @@ def run(tmp_path_factory):
 
 
 def logits(model, params, batch):
+    """The model's logits; a LoRA tree's adapters run unmerged, in the dense layers."""
     pixels = normalize_pixels(jnp.asarray(batch["pixel_values"]), (0.5,) * 3, (0.5,) * 3)
     out, _ = jax.jit(lambda p: model.apply(
-        {"params": p}, batch["input_ids"], pixels, segment_ids=batch["segment_ids"],
+        lora.model_variables(p), batch["input_ids"], pixels, segment_ids=batch["segment_ids"],
         positions=batch["positions"]))(params)
     return np.asarray(out)
 
@@ -80,16 +82,22 @@ def test_zero_b_at_init_gives_exactly_the_base_models_logits(run):
 
 
 def _activation_side_reference(trained):
-    """Intercepts every adapted Dense: y = x W + alpha/r * (x A) B, W left unmerged."""
+    """Intercepts every adapted dense layer of the plain model: y = x W + alpha/r * (x A) B,
+    written out here independently of the model's own adapter code."""
     pairs = lora._adapter_pairs({k: v for k, v in trained["lora"].items() if k != "alpha"})
     scale = ALPHA / RANK
+    running = set()  # layers.Dense.__call__ calls DenseGeneral's, and both are intercepted
 
     def interceptor(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
         module = context.module
         key = "/".join(module.path) + "/kernel"
-        if context.method_name != "__call__" or key not in pairs:
-            return y
+        if context.method_name != "__call__" or key not in pairs or key in running:
+            return next_fun(*args, **kwargs)
+        running.add(key)
+        try:
+            y = next_fun(*args, **kwargs)
+        finally:
+            running.discard(key)
         a, b = pairs[key]
         x = args[0]
         n_in = len(module.axis) if isinstance(module.axis, tuple) else 1
@@ -99,18 +107,70 @@ def _activation_side_reference(trained):
     return interceptor, len(pairs)
 
 
-def test_merged_model_equals_base_plus_adapters_after_training(run):
+def test_merged_and_unmerged_models_equal_base_plus_adapters_after_training(run):
     model, trained = run["setup"].model, run["trained"]
     batch = next(random_batches(run["cfg"], seed=4))
     merged = logits(model, lora.merge(trained), batch)
+    unmerged = logits(model, trained, batch)
     interceptor, n = _activation_side_reference(trained)
     assert n == TARGETS * 2
     base = {k: v for k, v in trained.items() if k != "lora"}
     with nn.intercept_methods(interceptor):
         reference = logits(model, base, batch)
     np.testing.assert_allclose(merged, reference, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(unmerged, reference, atol=1e-5, rtol=1e-5)
     # Training moved the adapted model away from the base: the comparison is not vacuous.
     assert np.max(np.abs(merged - logits(model, base, batch))) > 1e-3
+
+
+def preference_batch(cfg, seed):
+    """Chosen and rejected sides from two random LM batches, sharing the first one's images."""
+    chosen, rejected = next(random_batches(cfg, seed)), next(random_batches(cfg, seed + 1))
+    batch = {f"{side}_{f}": rows[f] for side, rows in zip(SIDES, (chosen, rejected), strict=True)
+             for f in PAIR_TEXT_FIELDS}
+    return {**batch, "pixel_values": chosen["pixel_values"]}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("stage_name", ["sft", "dpo"])
+def test_unmerged_adapters_give_the_merged_loss_and_adapter_gradients(stage_name, scan):
+    """The step as LoRA runs it (adapters in the dense layers; DPO's reference the base without
+    adapters) against the merged step it replaced (W + alpha/r * A @ B in every kernel; the
+    reference a separate frozen copy of the base)."""
+    cfg = lora_config(stage=stage_name, batch=4, seq=16)
+    cfg.model.language = dict(cfg.model.language.to_dict(), scan_layers=scan)
+    setup = loop.plan(cfg, devices=jax.devices()[:1])
+    # Random values everywhere, B included (a fresh B is zero and gives A no gradient).
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                          setup.abstract_state.params)
+    base = {k: v for k, v in params.items() if k != "lora"}
+    adapters = {k: v for k, v in params["lora"].items() if k != "alpha"}
+    stage = get_stage(stage_name)
+    batch = preference_batch(cfg, 1) if stage_name == "dpo" else next(random_batches(cfg, 1))
+    batch = {f: batch[f] for f in stage.fields}
+    ctx = LossContext(setup.model, loss_chunk=8, config=cfg)
+    unmerged = lora.adapted_stage(stage, cfg.lora).loss
+    merged = lambda c, p, b, r: stage.loss(with_reference(c, base), lora.merge(p), b, r)  # noqa: E731
+
+    def loss_and_grads(adapters):
+        def mean_loss(adapters, loss):
+            p = {**base, "lora": {**adapters, "alpha": jnp.float32(ALPHA)}}
+            total, weight, _ = loss(ctx, p, batch, jax.random.PRNGKey(0))
+            return total / weight
+        return [jax.value_and_grad(mean_loss)(adapters, f) for f in (unmerged, merged)]
+
+    (loss, grads), (expected_loss, expected_grads) = jax.device_get(
+        jax.jit(loss_and_grads)(adapters))
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    got, expected = flat_paths(grads), flat_paths(expected_grads)
+    # (A, B) of 7 kernels, stacked over the 2 layers or one pair per layer
+    assert sorted(got) == sorted(expected) and len(got) == 2 * TARGETS * (1 if scan else 2)
+    for path, g in expected.items():
+        np.testing.assert_allclose(got[path], g, rtol=1e-5, atol=1e-5, err_msg=path)
+        assert np.abs(g).max() > 1e-6, path  # every adapter gets a gradient
+    if stage_name == "dpo":  # the policy differs from the reference: not DPO's log 2
+        assert abs(loss - np.log(2)) > 1e-3
 
 
 def test_merge_of_scanned_kernels_adapts_each_layer_on_its_own():
@@ -159,6 +219,7 @@ def test_export_and_from_pretrained_give_the_merged_model_without_lora_keys(run,
 @pytest.mark.parametrize("override, message", [
     ({"lora.targets": (r"decoder/.*/no_such_proj/kernel",)}, "matches no parameter"),
     ({"lora.targets": (r"decoder/final_norm/scale",)}, "not a kernel"),
+    ({"lora.targets": (r"decoder/embed_tokens/embedding",)}, "not a dense layer's kernel"),
     ({"lora.dropout": 0.05}, "lora.dropout"),
     ({"lora.trainable": (r"connector/no_such/.*",)}, "lora.trainable pattern"),
 ])

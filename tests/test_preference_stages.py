@@ -16,7 +16,7 @@ from training_utils import IMG, tiny_config
 from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.convert import convert
 from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
-from lvlm_jax.checkpoints.manager import restore_params
+from lvlm_jax.checkpoints.manager import Checkpointer, restore_params
 from lvlm_jax.models import build_model, dummy_inputs, vlm_config
 from lvlm_jax.param_paths import flat_paths
 from lvlm_jax.train import loop
@@ -315,6 +315,35 @@ def test_dpo_resume_is_bitwise_identical_to_an_uninterrupted_run(pretrained, dpo
     assert int(final.step) == int(expected.step) == 4
     for name in ("params", "reference", "opt_state"):
         a, b = flat_paths(getattr(final, name)), flat_paths(getattr(expected, name))
+        assert a.keys() == b.keys()
+        for path in a:
+            assert np.asarray(a[path]).tobytes() == np.asarray(b[path]).tobytes(), (name, path)
+
+
+def test_lora_dpo_keeps_only_the_base_weights_that_train_as_its_reference(pretrained, tmp_path):
+    # The projector trains in full beside the adapters: the state keeps its starting values for
+    # the reference, and nothing else (the rest of the reference is the policy's frozen base).
+    cfg = pref_config("dpo", 2, **{"checkpoint.init_from": pretrained, "lora.rank": 4,
+                                   "lora.alpha": 8.0, "lora.trainable": (r"connector/.*",)})
+    setup, history = loop.train(cfg, str(tmp_path), log=lambda m: 0)
+    start = flat_paths(restore_params(pretrained)[0])
+    reference = flat_paths(jax.device_get(setup.state.reference))
+    policy = flat_paths(jax.device_get(setup.state.params))
+    assert sorted(reference) == sorted(p for p in start if p.startswith("connector/"))
+    for path, value in reference.items():
+        assert value.tobytes() == np.asarray(start[path]).tobytes(), path
+        assert not np.array_equal(policy[path], value), path  # the policy's projector moved
+    # Policy == reference at step 0 (B = 0): DPO's log 2, margin 0.
+    assert abs(history[0]["loss"] - math.log(2)) < 1e-6
+    assert abs(history[0]["reward_margin"]) < 1e-5
+    # The checkpoint holds that small reference and restores the state bit for bit.
+    ckpt = Checkpointer(str(tmp_path))
+    restored, step = ckpt.restore(setup.abstract_state)
+    ckpt.close()
+    assert step == 2
+    final = jax.device_get(setup.state)
+    for name in ("params", "reference", "opt_state"):
+        a, b = flat_paths(jax.device_get(getattr(restored, name))), flat_paths(getattr(final, name))
         assert a.keys() == b.keys()
         for path in a:
             assert np.asarray(a[path]).tobytes() == np.asarray(b[path]).tobytes(), (name, path)

@@ -23,7 +23,7 @@ from lvlm_jax.models import build_model, dummy_inputs, vlm_config
 from lvlm_jax.train import input_pipeline, loop, rl_math
 from lvlm_jax.train import rollout as rollout_lib
 from lvlm_jax.train.rollout import decode_responses, finish, rule_rewards
-from lvlm_jax.train.stages import LossContext, get_stage, ppo, reward
+from lvlm_jax.train.stages import LossContext, get_stage, grpo, ppo, reward
 from lvlm_jax.train.stages.base import extra_param_keys, normalize_pixels
 
 N_NEW = 5  # response tokens sampled per prompt in the loop tests
@@ -342,3 +342,35 @@ def test_grpo_steps_through_the_loop_keep_the_reference_and_sample_groups(tokeni
         assert record["tokens"] == record["response_length"] * 16
     assert history[0]["kl"] < 1e-6  # the policy starts as the reference
     assert_bitwise(jax.device_get(setup.state.reference), start_params(setup))
+
+
+def test_lora_rollout_samples_with_the_adapters_and_scores_the_reference_without_them(
+        tokenizer_path):
+    cfg = rl_config("grpo", tokenizer_path, **{"grpo.group_size": 2, "lora.rank": 4,
+                                               "lora.alpha": 8.0})
+    setup = loop.build(cfg)
+    assert setup.state.reference is None  # no copy of the model: the reference is the base
+    # Adapters that have trained (a fresh B is zero: the policy would be the base).
+    rng = np.random.default_rng(0)
+    params = jax.device_get(setup.state.params)
+    params["lora"] = jax.tree.map(
+        lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype) if x.ndim else x,
+        params["lora"])
+    state = setup.state.replace(params=jax.device_put(params, setup.state_shardings.params))
+    batches, _, _ = input_pipeline.make_input(cfg)
+    rollout = grpo.make_rollout(setup)
+    with loop.mesh_context(setup.mesh), nn.logical_axis_rules(sharding.flax_rules(setup.rules)):
+        sampled = jax.device_get(rollout.rollouts(state, next(batches)))
+    mask = sampled["response_mask"]
+    # Sampled with the adapters merged, scored with them unmerged: the same policy.
+    np.testing.assert_allclose(sampled["old_log_probs"] * mask,
+                               sampled["sample_log_probs"] * mask, atol=2e-4)
+    # The reference log-probs are the base model's, without adapters.
+    base = {k: v for k, v in params.items() if k != "lora"}
+    seq = {k: sampled[k] for k in ("input_ids", "segment_ids", "positions")}
+    pixels = normalize_pixels(sampled["pixel_values"], cfg.data.image_mean, cfg.data.image_std)
+    ref, _ = jax.jit(lambda p: rl_math.response_log_probs(setup.model, p, seq, pixels, N_NEW,
+                                                          cfg.train.loss_chunk))(base)
+    np.testing.assert_allclose(sampled["ref_log_probs"] * mask, np.asarray(ref) * mask,
+                               atol=1e-5)
+    assert np.abs((sampled["old_log_probs"] - sampled["ref_log_probs"]) * mask).max() > 1e-2

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 
 from lvlm_jax.config import ConfigDict, base_config
 from lvlm_jax.train.stages import STAGES, sft
-from lvlm_jax.train.stages.base import LM_FIELDS, LossContext, Stage, model_inputs
+from lvlm_jax.train.stages.base import (
+    LM_FIELDS,
+    LossContext,
+    Stage,
+    model_inputs,
+    model_variables,
+)
 
 NAME = "sft_smooth"
 
@@ -30,7 +36,8 @@ def smoothed_loss(ctx: LossContext, params: Any, batch: dict, rng: jax.Array):
     del rng  # a deterministic loss
     eps = STAGE.option(ctx, "label_smoothing", 0.1)  # config.sft_smooth.label_smoothing
     # Full logits are fine at small vocabularies; for 32k+ see losses.chunked_cross_entropy_sum.
-    logits, _ = ctx.model.apply({"params": params}, **model_inputs(ctx, batch))
+    # model_variables: the params plus, in a LoRA run, its adapters for the dense layers.
+    logits, _ = ctx.model.apply(model_variables(params), **model_inputs(ctx, batch))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     per_token = (1.0 - eps) * nll - eps * jnp.mean(logp, axis=-1)

@@ -441,7 +441,7 @@ class _Scanned(nn.Module):
         bcast = (nn.broadcast,) * (4 if self.with_media else 3)
         scanned = nn.scan(
             self.block,
-            variable_axes={"params": 0},
+            variable_axes=layers.SCANNED_COLLECTIONS,
             split_rngs={"params": True, "dropout": True},
             in_axes=bcast[:3] + (0,) + bcast[3:],
             length=self.n,
@@ -462,7 +462,8 @@ def _scan_carrying_cache(block, n, x, positions, mask, cache_index, layer_caches
         x, cache = block(x, positions, mask, cache_index, cache)
         return (x, dict(cache, layer=cache["layer"] + 1)), None
 
-    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    scan = nn.scan(body, variable_axes=layers.SCANNED_COLLECTIONS,
+                   split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,) * 3, length=n,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     cache = dict(layer_caches, layer=jnp.zeros((), jnp.int32))

@@ -61,6 +61,35 @@ def param_init(init: Callable, names: Sequence[str | None]) -> Callable:
 
 # "auto" is resolved per target platform by models.vlm.for_platform.
 DENSE_KERNELS = ("auto", "xla", "cpu")
+# The variable collection of LoRA adapters (lvlm_jax/train/lora.py builds it): under a dense
+# layer's own path, "kernel" -> {"a": [..., in, r], "b": [..., r, out]}, b already scaled by
+# alpha / r. Scanned stacks scan it with their params (leading `layers` axes).
+ADAPTERS = "lora"
+SCANNED_COLLECTIONS = {"params": 0, ADAPTERS: 0}
+
+
+class Dense(nn.DenseGeneral):
+    """DenseGeneral (contracting trailing axes) that adds its LoRA update x A B when the
+    ADAPTERS collection holds an adapter at this layer's path; otherwise exactly DenseGeneral.
+
+    The adapter stays unmerged: x A [..., r] is a thin activation, and the frozen kernel W is
+    never copied (W + A B would be a full-size weight and, under autodiff, a full-size
+    gradient per adapted layer)."""
+
+    def __call__(self, inputs: Array) -> Array:
+        y = super().__call__(inputs)
+        if not self.has_variable(ADAPTERS, "kernel"):
+            return y
+        adapter = self.get_variable(ADAPTERS, "kernel")
+        axes = sorted(a % inputs.ndim for a in (
+            self.axis if isinstance(self.axis, Sequence) else (self.axis,)))
+        if axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
+            raise ValueError(f"a LoRA adapter at {'/'.join(self.path)} needs the layer to "
+                             f"contract trailing axes, not {self.axis}")
+        x = inputs.reshape(*inputs.shape[:inputs.ndim - len(axes)], -1)  # [..., in]: A's rows
+        x, a, b = self.promote_dtype(x, adapter["a"], adapter["b"], dtype=self.dtype)
+        delta = jnp.dot(jnp.dot(x, a, precision=self.precision), b, precision=self.precision)
+        return y + delta.reshape(y.shape).astype(y.dtype)
 
 
 def dense(
@@ -75,8 +104,9 @@ def dense(
     kernel_init: Callable | None = None,
     kernel: str = "xla",
     **module_kw: Any,
-) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel (and bias, on the output axes) carry logical names.
+) -> Dense:
+    """A `Dense` (DenseGeneral, plus a LoRA adapter when one is given) whose kernel (and bias,
+    on the output axes) carry logical names.
 
     `kernel` (a tower's `dense_kernel`): "xla" is lax.dot_general, autodiff's backward; "cpu"
     the 2-D matmul with a hand-written weight gradient that XLA:CPU runs faster (see
@@ -85,7 +115,7 @@ def dense(
     if kernel not in DENSE_KERNELS:
         raise ValueError(f"unknown dense_kernel {kernel!r}; expected one of {DENSE_KERNELS}")
     n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
+    return Dense(
         features=features,
         axis=axis,
         use_bias=use_bias,

@@ -230,7 +230,7 @@ class VisionEncoder(nn.Module):
         if cfg.scan_layers:
             # All `depth` layers keep their parameters (checkpoints carry them); layers past the
             # selected feature layer are computed but their output is discarded.
-            scanned = nn.scan(block, variable_axes={"params": 0},
+            scanned = nn.scan(block, variable_axes=layers.SCANNED_COLLECTIONS,
                               split_rngs={"params": True, "dropout": True}, in_axes=0,
                               length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(cfg, n_run, name="layers")(x, jnp.arange(cfg.depth))

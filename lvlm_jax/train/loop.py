@@ -107,9 +107,9 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     init_fn = lambda rng: model.init(rng, **init_inputs)["params"]  # noqa: E731
     init_fn = with_extra_params(init_fn, stage, model_cfg)  # a stage's head, if it has one
     if lora_lib.enabled(cfg):
-        # Adapters join the params under "lora"; the loss sees them merged into the kernels.
+        # Adapters join the params under "lora"; the model's dense layers apply them.
         init_fn = lora_lib.init_with_adapters(init_fn, cfg.lora)
-        stage = lora_lib.merging_stage(stage)
+        stage = lora_lib.adapted_stage(stage, cfg.lora)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     param_shardings = sharding.logical_shardings(abstract, mesh, rules)
     abstract_params = nn.meta.unbox(abstract)
@@ -121,10 +121,18 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
     opt_shardings = sharding.shardings_following_params(abstract_opt, abstract_params,
                                                         param_shardings, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def reference_of(tree):
+        """What TrainState.reference keeps of the params (or their shardings): all of them, or
+        under LoRA only the base weights that train (the rest is the policy's frozen base)."""
+        if not stage.uses_reference:
+            return None
+        return lora_lib.saved_reference(tree, trainable) if lora_lib.enabled(cfg) else tree
+
     # The reference (stages/base.py) is sharded exactly like the policy it is a copy of.
     state_shardings = TrainState(step=replicated, params=param_shardings,
                                  opt_state=opt_shardings, rng=replicated, nonfinite=replicated,
-                                 reference=param_shardings if stage.uses_reference else None)
+                                 reference=reference_of(param_shardings))
 
     def init_state(seed):
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -132,8 +140,7 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
         # Two outputs of one jit are two buffers, as donation of the state needs.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=train_rng,
-                          nonfinite=jnp.zeros((), jnp.int32),
-                          reference=params if stage.uses_reference else None)
+                          nonfinite=jnp.zeros((), jnp.int32), reference=reference_of(params))
 
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -158,12 +165,15 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
 
 
 def _start_from(setup: Setup, params: Any) -> None:
-    """`params` become the policy and, for a stage with a reference, its frozen copy: always
-    fresh buffers (never aliases of the caller's or of each other), since steps donate the state."""
-    put = lambda: jax.device_put(params, setup.state_shardings.params,  # noqa: E731
-                                 may_alias=False)
+    """`params` become the policy and, for a stage with a reference, its frozen copy (the part
+    the state keeps, see `plan`): always fresh buffers (never aliases of the caller's or of each
+    other), since steps donate the state."""
+    put = lambda tree, shardings: jax.device_put(tree, shardings, may_alias=False)  # noqa: E731
+    ref = setup.state.reference
     setup.state = setup.state.replace(
-        params=put(), reference=None if setup.state.reference is None else put())
+        params=put(params, setup.state_shardings.params),
+        reference=None if ref is None else put(lora_lib.select_like(ref, params),
+                                               setup.state_shardings.reference))
 
 
 def materialize(setup: Setup, init_params: Any = None) -> Setup:

@@ -31,12 +31,12 @@ def eval_loss_fn(cfg: Any, model: Any) -> Callable[[Any], float]:
 
     stage = get_stage(cfg.stage)
     if lora_lib.enabled(cfg):
-        stage = lora_lib.merging_stage(stage)
+        stage = lora_lib.adapted_stage(stage, cfg.lora)
     ctx = LossContext(model, tuple(cfg.data.image_mean), tuple(cfg.data.image_std),
                       cfg.train.loss_chunk, config=cfg)
     batches = input_pipeline.make_eval_batches(cfg, model.cfg)
     if stage.uses_reference:
-        bound = bind_reference(stage)  # outermost: LoRA's merge then sees the policy params
+        bound = bind_reference(stage)  # outermost: LoRA's wrapper then sees the policy params
         return lambda state: eval_loss(ctx, bound, (state.params, state.reference), batches())
     return lambda state: eval_loss(ctx, stage, state.params, batches())
 

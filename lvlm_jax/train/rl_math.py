@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from lvlm_jax.models.vlm import instruction_inputs
 from lvlm_jax.train import losses
+from lvlm_jax.train.lora import model_variables
 
 Array = jax.Array
 
@@ -121,7 +122,7 @@ def response_log_probs(model: Any, params: Any, batch: Mapping[str, Array], pixe
     """log p(response token) [b, n] and the hidden states that predict them [b, n, D], from one
     forward over prompt + response (`batch`: input_ids, segment_ids, positions; the last
     `num_response` tokens are the response)."""
-    variables = {"params": params}
+    variables = model_variables(params)  # with a LoRA run's adapters, for its dense layers
     # The prompt is a prefix-LM's bidirectional prefix and an instruction-aware resampler's
     # instruction, as `generate_tokens` treats it.
     prompt_len = batch["input_ids"].shape[1] - num_response

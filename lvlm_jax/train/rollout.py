@@ -108,12 +108,14 @@ def sample_and_score(params: Any, reference: Any, reward_params: Any,
     reference_ids, the generator's own sample_log_probs, and old_values [b, n] / model_reward
     [b, 1] when the spec has a value head / a reward model."""
     model, n = spec.ctx.model, int(spec.opts.max_new_tokens)
-    params, reference = lora.merge(params), lora.merge(reference)
+    reference = lora.reference(params, reference)  # under LoRA: the policy's base
     if spec.opts.group_size > 1:  # rows (p0 x G, p1 x G, ...): a group stays on its device
         prompts = {k: jnp.repeat(v, spec.opts.group_size, axis=0) for k, v in prompts.items()}
     pixels = spec.ctx.pixels(prompts)
-    out = generate_tokens(model, params, prompts["prompt_ids"], prompts["prompt_segment_ids"],
-                          pixels, rng, max_new_tokens=n,
+    # The sampler runs plain kernels: LoRA adapters merged once per rollout. The log-probs
+    # below take them unmerged, computed as the train step computes them.
+    out = generate_tokens(model, lora.merge(params), prompts["prompt_ids"],
+                          prompts["prompt_segment_ids"], pixels, rng, max_new_tokens=n,
                           temperature=float(spec.opts.temperature), stop_ids=spec.stop_ids,
                           pad_id=spec.pad_id, prefix_lm=model.cfg.prefix_lm,
                           fuse_projections=sharding.mesh_platform(spec.mesh) == "cpu")

@@ -24,7 +24,8 @@ class TrainState:
     rng: Array
     nonfinite: Array  # how many steps were skipped for a non-finite loss or gradient
     # The frozen starting params of a stage with uses_reference (see stages/base.py), sharded
-    # like `params`, never updated, checkpointed with the rest; None for other stages.
+    # like `params`, never updated, checkpointed with the rest; None for other stages. A LoRA
+    # run keeps only the base weights that train in full, or None (lora.saved_reference).
     reference: Any = None
 
 
@@ -71,9 +72,8 @@ def make_train_step(ctx: LossContext, stage: Stage, tx: optax.GradientTransforma
 
     def step(state: TrainState, batch: Mapping[str, Array]):
         rng = jax.random.fold_in(state.rng, state.step)
-        if stage.uses_reference and state.reference is None:
-            raise ValueError(f"stage {stage.name!r} needs TrainState.reference (the frozen "
-                             "starting params); build the state with loop.plan/materialize")
+        # None for a LoRA run whose base trains nowhere: its reference is the policy's base
+        # (lora.reference); a stage that reads a missing one fails in reference_params.
         ref = state.reference if stage.uses_reference else None
         if grad_accum == 1:
             total, weight, metrics, grads = sums_and_grads(state.params, batch, rng, ref)

@@ -7,10 +7,16 @@ policy's starting parameters: `TrainState.reference`, set by `loop.materialize` 
 `checkpoint.init_from` has loaded another run's params), with the same tree and the same
 NamedShardings as `TrainState.params`, no optimizer state, never updated. The step hands it to the
 loss as `ctx.reference` (use `reference_params(ctx)`), so every stage keeps the one loss signature
-and wrappers around a loss (LoRA's merge, eval) pass it through untouched. It is checkpointed with
+and wrappers around a loss (eval's `bind_reference`) pass it through. It is checkpointed with
 the state rather than rebuilt from `init_from` on resume: the run it came from may since have
 trained on, moved or been deleted, and only the saved copy makes a resume bitwise identical.
-Stages without a reference carry `reference=None` (their checkpoints are unchanged).
+Stages without a reference carry `reference=None` (their checkpoints are unchanged). Under LoRA
+the reference is the policy's own frozen base without adapters: LoRA's stage wrapper
+(`lora.adapted_stage`) builds `ctx.reference` from the params, and the state keeps only the
+starting values of base weights that train in full (`lora.trainable`), or None.
+
+Models run on `model_variables(params)`: the params, plus a LoRA run's adapters as the second
+variable collection the dense layers read (lvlm_jax/train/lora.py).
 
 Extra parameters (a reward or value head). `Stage.extra_params(rng, model_cfg)` returns a dict of
 new top-level subtrees (e.g. {"reward_head": {"kernel", "bias"}}) merged into the params tree
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 
 from lvlm_jax.models.vlm import instruction_inputs, normalize_pixels  # noqa: F401 (re-export)
 from lvlm_jax.train import losses
+from lvlm_jax.train.lora import model_variables
 
 Array = jax.Array
 
@@ -113,13 +120,12 @@ def extra_param_keys(stage: Stage, model_cfg: Any) -> set[str]:
 
 
 def reference_params(ctx: LossContext) -> Any:
-    """The frozen reference params, as the model runs them (LoRA adapters merged)."""
+    """The frozen reference params (under LoRA: the policy's base, without adapters)."""
     if ctx.reference is None:
         raise ValueError("this loss needs the frozen reference model, but none was given: the "
-                         "stage must declare uses_reference=True")
-    from lvlm_jax.train import lora
-
-    return jax.lax.stop_gradient(lora.merge(ctx.reference))
+                         "stage must declare uses_reference=True, and its state must come from "
+                         "loop.plan/materialize (TrainState.reference)")
+    return jax.lax.stop_gradient(ctx.reference)
 
 
 def with_reference(ctx: LossContext, reference: Any) -> LossContext:
@@ -177,7 +183,7 @@ def next_token_loss(ctx: LossContext, params: Any, batch: Mapping[str, Array], r
     """Cross-entropy on the supervised tokens (`loss_mask`), summed, with its token count."""
     del rng
     model = ctx.model
-    variables = {"params": params}
+    variables = model_variables(params)  # with a LoRA run's adapters, for its dense layers
     hidden, _ = model.apply(variables, **model_inputs(ctx, batch), return_hidden=True)
     head = lambda h: model.apply(variables, h,  # noqa: E731
                                  method=lambda m, x: m.decoder.logits_from_hidden(x))
@@ -210,7 +216,7 @@ def pair_hidden(ctx: LossContext, params: Any, batch: Mapping[str, Array]) -> Ar
     once: [2B, T, D], rows interleaved as in `pair_rows`. The prompt (before the first
     supervised token) is a prefix-LM's prefix and an instruction-aware resampler's instruction,
     as in `model_inputs`."""
-    model, variables = ctx.model, {"params": params}
+    model, variables = ctx.model, model_variables(params)
     rows = {name: pair_rows(batch, name) for name in PAIR_TEXT_FIELDS
             if f"{SIDES[0]}_{name}" in batch}
     prompt = prompt_inputs(getattr(model, "cfg", None), rows) if "loss_mask" in rows else {}
@@ -232,7 +238,7 @@ def pair_hidden(ctx: LossContext, params: Any, batch: Mapping[str, Array]) -> Ar
 def sequence_log_probs(ctx: LossContext, params: Any, hidden: Array, targets: Array,
                        mask: Array) -> Array:
     """sum_t mask * log p(targets_t) per row [b], the LM head applied chunk by chunk."""
-    model, variables = ctx.model, {"params": params}
+    model, variables = ctx.model, model_variables(params)
     head = lambda h: model.apply(variables, h,  # noqa: E731
                                  method=lambda m, x: m.decoder.logits_from_hidden(x))
     token = losses.chunked_token_log_probs(hidden, head, targets, ctx.loss_chunk)

@@ -16,6 +16,7 @@ from lvlm_jax.train.stages.base import (
     Stage,
     last_token_index,
     model_inputs,
+    model_variables,
     pair_hidden,
     pair_rows,
 )
@@ -42,7 +43,7 @@ def head_scores(params: Any, hidden: Array, segment_ids: Array) -> Array:
 def score(ctx: LossContext, params: Any, inputs: Mapping[str, Array]) -> Array:
     """Rewards [b] of single sequences (input_ids, segment_ids, positions, pixel_values and,
     optionally, the loss_mask marking the response), e.g. a reward model scoring rollouts."""
-    hidden, _ = ctx.model.apply({"params": params}, **model_inputs(ctx, inputs),
+    hidden, _ = ctx.model.apply(model_variables(params), **model_inputs(ctx, inputs),
                                 return_hidden=True)
     return head_scores(params, hidden, inputs["segment_ids"])
 
