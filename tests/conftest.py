@@ -34,9 +34,10 @@ from session_guard import (  # noqa: E402, F401
 # The slowest files first (each starts processes that compile their own programs), so that on 2
 # workers they overlap with the many short files instead of running alone at the end: xdist's
 # default order (most tests first) left tests/test_topology.py's ~6 minutes as the suite's tail.
-SLOW_FILES_FIRST = ("test_topology.py", "test_demo.py", "test_multiprocess.py", "test_sweeps.py",
+SLOW_FILES_FIRST = ("test_topology.py", "test_demo.py", "test_multiprocess.py",
+                    "test_preemption_multiprocess.py", "test_sweeps.py",
                     "test_preference_stages.py", "test_checkpoints.py", "test_session_guard.py",
-                    "test_loader_resume.py")
+                    "test_loader_resume.py", "test_tokenizers_hf.py")
 
 
 def pytest_collection_modifyitems(config, items):
