@@ -9,6 +9,7 @@ decoder. Pixels are [batch, images, height, width, channels] floats, already nor
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from lvlm_jax.models import layers
 from lvlm_jax.models.config_utils import from_dict
 from lvlm_jax.models.connectors import ConnectorConfig, Projector, Resampler, connector_config
 from lvlm_jax.models.language import Decoder, LanguageConfig, init_cache, language_config
+from lvlm_jax.models.media_layout import MediaLayout, merge_media
 from lvlm_jax.models.vision import VisionConfig, VisionEncoder, vision_config
 
 Array = jax.Array
@@ -32,6 +34,18 @@ class VLMConfig:
     connector: ConnectorConfig
     image_token_id: int = 0  # the placeholder id (projector/resampler) or media marker (xattn)
     prefix_lm: bool = False  # PaliGemma: image + prompt attend bidirectionally
+    # LLaVA-NeXT / OneVision any-res (models/media_layout.py): the learned newline after each
+    # row of tile features, the grids the host tiles into ((h, w) pixel pairs), OneVision's
+    # anyres_max_N cap on tile features (0: none).
+    image_newline: bool = False
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    max_num_patches: int = 0
+    # Video: its placeholder id (-1: no video), and the frames' spatial pooling: "average"
+    # (LLaVA-NeXT-Video: stride x stride mean before the projector), "bilinear" (OneVision:
+    # after the projector, to ceil(side / 2), one newline per clip) or "none".
+    video_token_id: int = -1
+    video_pool: str = "none"
+    video_pool_stride: int = 2
 
     @property
     def image_tokens(self) -> int:
@@ -74,7 +88,14 @@ def vlm_config(values: Mapping[str, Any]) -> VLMConfig:
         preset = d.pop("preset", None)
         sub[key] = build(preset, **d)
     sub["connector"] = connector_config(**dict(values.pop("connector", {}) or {}))
-    return from_dict(VLMConfig, dict(values, **sub), where="model")
+    if "image_grid_pinpoints" in values:  # lists from JSON / ConfigDict -> hashable pairs
+        values["image_grid_pinpoints"] = tuple(
+            (int(h), int(w)) for h, w in values["image_grid_pinpoints"] or ())
+    cfg = from_dict(VLMConfig, dict(values, **sub), where="model")
+    if cfg.video_pool not in ("none", "average", "bilinear"):
+        raise ValueError(f"model.video_pool must be 'none', 'average' or 'bilinear', got "
+                         f"{cfg.video_pool!r}")
+    return cfg
 
 
 def default_positions(segment_ids: Array) -> Array:
@@ -128,6 +149,37 @@ class VLM(nn.Module):
                                        cfg.language.vocab_size, dtype, pdtype, dk)
         else:
             self.connector = None
+        if cfg.image_newline:
+            d = cfg.language.embed_dim
+            self.image_newline = self.param(
+                "image_newline", nn.with_logical_partitioning(
+                    nn.initializers.normal(d ** -0.5), ("embed",)), (d,), pdtype)
+
+    def media_table(self, pixels: Array) -> Array:
+        """Crops [groups, crops, S, S, 3] -> each group's table of LM-ready rows [groups, L, d]
+        (layout in models/media_layout.py): projected crop tokens, pooled ones when the model
+        pools video before its projector, the newline."""
+        cfg = self.cfg
+        if not isinstance(self.connector, Projector):
+            raise ValueError("flattened media (MediaLayout) need a projector connector, not "
+                             f"{cfg.connector.kind!r}")
+        g, c = pixels.shape[:2]
+        feats = self.vision(pixels.reshape(g * c, *pixels.shape[2:]))
+        if isinstance(feats, tuple):
+            feats = feats[0]
+        parts = [self.connector(feats).reshape(g, -1, cfg.language.embed_dim)]
+        if cfg.video_pool == "average":
+            s = cfg.video_pool_stride
+            side = math.isqrt(feats.shape[1])
+            p = side // s
+            grid = feats.reshape(g * c, side, side, -1)[:, :p * s, :p * s]
+            pooled = grid.reshape(g * c, p, s, p, s, -1).mean(axis=(2, 4))
+            parts.append(self.connector(pooled.reshape(g * c, p * p, -1)).reshape(
+                g, -1, cfg.language.embed_dim))
+        newline = (self.image_newline if cfg.image_newline
+                   else jnp.zeros((cfg.language.embed_dim,), parts[0].dtype))
+        parts.append(jnp.broadcast_to(newline.astype(parts[0].dtype), (g, 1, newline.shape[0])))
+        return jnp.concatenate(parts, axis=1)
 
     def encode_images(self, pixel_values: Array, instruction: Array | None = None,
                       instruction_mask: Array | None = None) -> Array:
@@ -192,6 +244,11 @@ class VLM(nn.Module):
                      instruction: Array | None = None, instruction_mask: Array | None = None):
         """Token embeddings with image tokens merged in -> (embeddings, media for xattn or None)."""
         cfg = self.cfg
+        if isinstance(pixel_values, MediaLayout):
+            slots = pixel_values.slots
+            embeds = self.decoder.embed(jnp.where(slots[..., 0] >= 0, 0, input_ids))
+            table = self.media_table(pixel_values.pixels)
+            return merge_media(embeds, table, slots, pixel_values.weights), None
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, instruction, instruction_mask)
         media = None
