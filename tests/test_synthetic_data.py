@@ -261,3 +261,26 @@ def test_description_noise_adds_exactly_one_absent_object_to_that_share_of_descr
     assert described > 40 and 0.35 < noised / described < 0.65
     with pytest.raises(ValueError, match="description_noise"):
         SyntheticShapes(description_noise=1.5)
+
+
+def test_highres_task_is_deterministic_balanced_and_unresolvable_in_one_small_view():
+    from data_pipelines.anyres import tile_image
+    from data_pipelines.synthetic_highres import SIZES, HighResShapes
+
+    train, again, held = (HighResShapes(seed=3), HighResShapes(seed=3),
+                          HighResShapes(seed=3, split="eval"))
+    a, b = train.conversation(7), again.conversation(7)
+    assert np.array_equal(a["image"], b["image"]) and a["conversations"] == b["conversations"]
+    assert not np.array_equal(train.sample(7)[0], held.sample(7)[0])
+    answers = [train.sample(i)[1] for i in range(300)]
+    assert {s: answers.count(s) for s in SHAPES} == pytest.approx(
+        {s: 100 for s in SHAPES}, abs=25)
+    assert {train.sample(i)[0].shape[:2] for i in range(300)} == set(SIZES)
+    # The object is 10 px in a canvas of 144-192 px: one 32-px view leaves it ~2 px across,
+    # any-res tiles (up to 128 px here) ~7 px: at most a 4x4 blob against 25+ pixels.
+    pins = [[32, 64], [64, 32], [64, 64], [64, 128], [128, 64], [96, 96]]
+    for i in range(20):
+        image, _, _ = train.sample(i)
+        ink = lambda x: int((np.abs(x.astype(int) - 240).sum(-1) > 60).sum())  # noqa: E731
+        crops = tile_image(image, pins, 32).crops  # the global view (whole image) first
+        assert ink(crops[0]) <= 16 and ink(crops[1:]) >= 25, (i, ink(crops[0]), ink(crops[1:]))
