@@ -37,7 +37,9 @@ QUICK = ("default", "another seed (1)")
 
 def run(stage: str, steps: int, workdir: str, flags: str, cpus: str | None,
         extra: tuple[str, ...]) -> list[float]:
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    # The variant's flags on top of the caller's (the test suite's fast-compile flags).
+    base = os.environ.get("XLA_FLAGS", "")
+    env = {**os.environ, "XLA_FLAGS": f"{base} {flags}".strip(), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "lvlm_jax", "train",
            f"--config={ROOT}/experiments/demo.py:{stage}", f"--workdir={workdir}",
            f"--config.train.total_steps={steps}", "--config.train.log_every=1",
