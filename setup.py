@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "ml_collections>=1.1.0",
     "numpy>=1.26",
     "pillow>=10.0",
+    "av>=14.0",  # PyAV: video decoding (data_pipelines/video.py)
     "safetensors>=0.4.3",
     "tqdm>=4.66",
     "tensorboardX>=2.6",

@@ -29,10 +29,12 @@ from data_pipelines.arrayrecord_source import (
     shard_name,
 )
 from data_pipelines.templates import IMAGE_MARK
+from data_pipelines.tokenizer_base import VIDEO_MARK
 
 FORMATS = {"llava": "conversation", "captions": "caption", "preferences": "preference"}
 REASONS = ("malformed_json", "malformed_record", "image_count_mismatch", "missing_image",
-           "unreadable_image", "image_too_large")
+           "unreadable_image", "image_too_large", "video_count_mismatch", "missing_video",
+           "unreadable_video")
 SPLIT = "train"
 SKIPPED = "skipped.jsonl"
 RECORDS_PER_SHARD = 50_000  # the default shard count aims at files of a few GB of images
@@ -148,6 +150,41 @@ def _read_image(images_dir: Path, ref: Any, max_pixels: int) -> bytes:
     return data
 
 
+def _read_video(videos_dir: Path, ref: Any) -> bytes:
+    """A clip's bytes, checked to open and decode its first frame (the loader decodes the rest
+    and skips a clip that fails there); raises Skip otherwise."""
+    from data_pipelines import video
+
+    if not isinstance(ref, str) or not ref:
+        raise Skip("malformed_record", f"video path {ref!r} is not a non-empty string")
+    path = videos_dir / ref
+    if path.is_dir():
+        raise Skip("unreadable_video", f"{str(path)!r} is a folder; convert stores video files")
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise Skip("missing_video", f"no file {str(path)!r}") from e
+    except OSError as e:
+        raise Skip("unreadable_video", f"{str(path)!r}: {e}") from e
+    try:
+        video.count_frames(data)
+    except video.VideoError as e:
+        raise Skip("unreadable_video", f"{ref}: {e}") from None
+    return data
+
+
+def _video_refs(raw: dict[str, Any]) -> list[Any]:
+    """A conversation's clips: "video" (one path, or a list) or "videos" (a list)."""
+    value = raw.get("videos") if raw.get("videos") is not None else raw.get("video")
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if raw.get("videos") is not None:
+        raise Skip("malformed_record", "'videos' is not a list")
+    return [value]
+
+
 def _image_refs(raw: dict[str, Any]) -> list[Any]:
     """LLaVA names one image "image" and several "images"; text-only records have neither."""
     if raw.get("images") is not None:
@@ -202,7 +239,13 @@ def convert_record(fmt: str, item: Item, images_dir: Path, max_pixels: int
         marks = sum(t.count(IMAGE_MARK) for t in marked)
         if marks != len(refs):
             raise Skip("image_count_mismatch", f"{marks} {IMAGE_MARK} marks for {len(refs)} images")
+        video_refs = _video_refs(raw) if fmt == "llava" else []
+        marks = sum(t.count(VIDEO_MARK) for t in marked)
+        if fmt == "llava" and marks != len(video_refs):
+            raise Skip("video_count_mismatch",
+                       f"{marks} {VIDEO_MARK} marks for {len(video_refs)} videos")
         images = [_read_image(images_dir, ref, max_pixels) for ref in refs]
+        videos = [_read_video(images_dir, ref) for ref in video_refs]
     except Skip as e:
         e.id = record_id
         raise
@@ -210,6 +253,10 @@ def convert_record(fmt: str, item: Item, images_dir: Path, max_pixels: int
         record = {"id": record_id, "image": images[0], **texts, "image_file": refs[0]}
     else:
         record = {"id": record_id, "images": images, **texts, "image_files": refs}
+    if isinstance(raw.get("video"), str) and raw.get("videos") is None:  # as it came
+        record.update(video=videos[0], video_file=video_refs[0])
+    elif videos:
+        record.update(videos=videos, video_files=video_refs)
     return record_id, serialize_record(record)
 
 
@@ -266,10 +313,11 @@ def convert(
     """Checks every record of `input_path` and writes the good ones to ArrayRecord shards.
 
     `fmt` is "llava" (LLaVA JSON: `{id, image | images, conversations}`, also pretraining
-    captions like LCS-558K), "captions" (JSONL of `{image, caption}`) or "preferences"
+    captions like LCS-558K, and `{id, video, conversations}` with a `<video>` mark, the file's
+    bytes stored as images' are), "captions" (JSONL of `{image, caption}`) or "preferences"
     (`{id, images | image, prompt, chosen, rejected}`); JSON lists and JSONL both work. Image
-    paths are relative to `images_dir` (None: the input file's folder). Records are checked in
-    `workers` processes (None: all cores) and written in input order, shard `i` holding a
+    and video paths are relative to `images_dir` (None: the input file's folder). Records are
+    checked in `workers` processes (None: all cores) and written in input order, shard `i` holding a
     contiguous `1/num_shards` of the input, so the same input gives the same files. Bad records
     are skipped, counted by reason, logged with their ids and listed in `out_dir/skipped.jsonl`;
     `out_dir/metadata.json` records the format, kind and counts.

@@ -82,12 +82,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="hf", choices=("hf", "params"))
     e.add_argument("--out", required=True)
     e.add_argument("--step", type=int, default=None)
-    g = sub.add_parser("generate", help="answer a prompt about images with a trained run")
+    g = sub.add_parser("generate", help="answer a prompt about images or videos with a trained "
+                                        "run")
     g.add_argument("--checkpoint", required=True,
                    help="a training workdir, or a params-only checkpoint with the run's "
                         "config.json beside it")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image; repeat for several (one <image> each, in order)")
+                   help="an image; repeat for several (one <image> each, in order); any-res "
+                        "models (model.image_grid_pinpoints) get it tiled")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file or a folder of frame images; repeat for several (one "
+                        "<video> each, in order)")
+    g.add_argument("--num_frames", type=int, default=None,
+                   help="frames sampled uniformly from each video (default: the run's "
+                        "data.num_frames, else 8)")
     g.add_argument("--prompt", default=None,
                    help="the question; with --chat, the optional first turn")
     g.add_argument("--chat", action="store_true",
@@ -123,7 +131,8 @@ def parser() -> argparse.ArgumentParser:
     dc.add_argument("--format", required=True, help="llava | captions | preferences")
     dc.add_argument("--input", required=True, help="a JSON list or JSONL file")
     dc.add_argument("--images", default=None,
-                    help="the folder image paths are relative to (default: the input's)")
+                    help="the folder image and video paths are relative to (default: the "
+                         "input's)")
     dc.add_argument("--out", required=True, help="a new or empty folder for the shards")
     dc.add_argument("--num_shards", type=int, default=None,
                     help="default: one per 50,000 records")
@@ -179,19 +188,22 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    media = dict(video_paths=args.video, num_frames=args.num_frames)
     if not args.chat:
         if args.prompt is None:
             raise chat.BadInput("the prompt is empty; give --prompt=TEXT (or --chat)")
-        chat.check_request(args.image, args.prompt, **sampling)  # before the slow load
-        print(chat.answer(chat.load(args.checkpoint), args.image, args.prompt, **sampling))
+        chat.check_request(args.image, args.prompt, **media, **sampling)  # before the slow load
+        print(chat.answer(chat.load(args.checkpoint), args.image, args.prompt, **media,
+                          **sampling))
         return 0
     chat.check_sampling(**sampling)
     chat.check_image_files(args.image)
+    chat.chat_media.check_videos(args.video, args.num_frames)
     turns = [args.prompt] if args.prompt else []
     bot = chat.load(args.checkpoint)
     try:
         chat.chat(bot, args.image, itertools.chain(turns, sys.stdin), sys.stdout, sys.stderr,
-                  interactive=sys.stdin.isatty(), **sampling)
+                  interactive=sys.stdin.isatty(), **media, **sampling)
     except KeyboardInterrupt:  # Ctrl-C ends a session as /quit does, without a traceback
         print(file=sys.stderr)
         return 130
