@@ -6,7 +6,11 @@
 
 Arrays are numpy in the layout of HF processors: `pixel_values` [images, C, H, W] (normalised),
 images in order over the batch; `input_ids` with the image placeholder repeated once per image
-token, so the same arrays feed transformers and us.
+token, so the same arrays feed transformers and us. Any-res models (LLaVA-NeXT, OneVision) take
+`pixel_values` [images, crops, C, H, W] with `image_sizes` [images, 2], video models
+`pixel_values_videos` [videos, frames, C, H, W], exactly as their HF processors return them:
+
+    logits = vlm.logits(ids, pixel_values, image_sizes=sizes, pixel_values_videos=clips)
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from lvlm_jax.checkpoints.hf import import_hf, read_hf_config
 from lvlm_jax.generate import generate_tokens
+from lvlm_jax.hf_media import hf_media_layout
 from lvlm_jax.models.vlm import VLM, VLMConfig, build_model, vlm_config
 from lvlm_jax.models.vlm import with_unscanned_decoder as unscanned_decoder
 
@@ -75,14 +80,29 @@ class VLMHandle:
             out[row, :n] = nhwc[start[row]:start[row] + n]
         return out
 
+    def _media(self, ids: np.ndarray, pixel_values: np.ndarray | None,
+               image_sizes: np.ndarray | None, pixel_values_videos: np.ndarray | None,
+               batch_num_images: np.ndarray | None) -> Any:
+        """The model's pixel input: a MediaLayout for any-res / video models, else dense."""
+        cfg = self.config
+        if (cfg.image_newline or cfg.video_token_id >= 0 or image_sizes is not None
+                or pixel_values_videos is not None):
+            return hf_media_layout(cfg, ids, pixel_values, image_sizes, pixel_values_videos,
+                                   batch_num_images)
+        return self._pixels(ids, pixel_values)
+
     def logits(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
                token_type_ids: np.ndarray | None = None,
-               attention_mask: np.ndarray | None = None) -> np.ndarray:
+               attention_mask: np.ndarray | None = None, *,
+               image_sizes: np.ndarray | None = None,
+               pixel_values_videos: np.ndarray | None = None,
+               batch_num_images: np.ndarray | None = None) -> np.ndarray:
         """[batch, length, vocab] float32 logits, as transformers' forward gives them.
 
         `attention_mask` (1 = token, 0 = padding) allows left-padded batches. For a prefix-LM
         (PaliGemma), `token_type_ids` 0 marks the bidirectional prefix; without them the whole
-        input is prefix, as in transformers.
+        input is prefix, as in transformers. Any-res and video models take their processor's
+        `image_sizes`, `pixel_values_videos` and (OneVision) `batch_num_images` as well.
         """
         ids = np.asarray(input_ids, np.int32)
         seg = (np.ones_like(ids) if attention_mask is None
@@ -92,23 +112,28 @@ class VLMHandle:
         if self.config.prefix_lm:
             prefix = (np.ones(ids.shape, bool) if token_type_ids is None
                       else np.asarray(token_type_ids) == 0)
-        pixels = self._pixels(ids, pixel_values)
+        pixels = self._media(ids, pixel_values, image_sizes, pixel_values_videos,
+                             batch_num_images)
         out = _forward(self.model, self.params, ids, pixels, seg, pos.astype(np.int32), prefix)
         return np.asarray(out, np.float32)
 
     def generate_ids(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
-                     max_new_tokens: int = 32, attention_mask: np.ndarray | None = None
-                     ) -> np.ndarray:
+                     max_new_tokens: int = 32, attention_mask: np.ndarray | None = None, *,
+                     image_sizes: np.ndarray | None = None,
+                     pixel_values_videos: np.ndarray | None = None,
+                     batch_num_images: np.ndarray | None = None) -> np.ndarray:
         """Greedy decoding, shaped like transformers' generate(do_sample=False): the prompt
         followed by the new tokens, rows that stopped at EOS padded with the pad id, and no
         columns after every row has stopped. Prompts are left-padded (`attention_mask`); for a
-        prefix-LM the whole prompt is the prefix, as PaliGemma's processor makes it."""
+        prefix-LM the whole prompt is the prefix, as PaliGemma's processor makes it. Any-res
+        and video inputs as in `logits`: they enter at prefill only."""
         ids = np.asarray(input_ids, np.int32)
         seg = (np.ones_like(ids) if attention_mask is None
                else np.asarray(attention_mask, np.int32))
-        pixels = self._pixels(ids, pixel_values)
+        pixels = self._media(ids, pixel_values, image_sizes, pixel_values_videos,
+                             batch_num_images)
         out = generate_tokens(self.model, self.params, jnp.asarray(ids), jnp.asarray(seg),
-                              None if pixels is None else jnp.asarray(pixels),
+                              None if pixels is None else jax.tree.map(jnp.asarray, pixels),
                               jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
                               stop_ids=self.eos_token_ids, pad_id=self.pad_token_id,
                               prefix_lm=self.config.prefix_lm)
@@ -147,8 +172,9 @@ def with_unscanned_decoder(vlm: VLMHandle) -> VLMHandle:
 
 def from_pretrained(path: str, *, scan_layers: bool = True, platform: str | None = None
                     ) -> VLMHandle:
-    """Loads an HF LLaVA or PaliGemma folder, one of our params-only checkpoints (`lvlm export
-    --format=params`, `lvlm import`) or a training workdir into a `VLMHandle`.
+    """Loads an HF LLaVA (-NeXT, -NeXT-Video, -OneVision), PaliGemma or DeepSeek-VL folder, one
+    of our params-only checkpoints (`lvlm export --format=params`, `lvlm import`) or a training
+    workdir into a `VLMHandle`.
 
     The params go to the default device; the model's "auto" kernels are chosen for `platform`
     (default: that device's platform)."""

@@ -121,7 +121,8 @@ def parser() -> argparse.ArgumentParser:
                                                 "(default: DIR, or the DIRs' common parent)")
     sm.add_argument("--sort_by", default=None,
                     help="summary column (default eval_loss, else loss); -NAME for descending")
-    i = sub.add_parser("import", help="an HF folder (LLaVA, PaliGemma) -> params-only checkpoint")
+    i = sub.add_parser("import", help="an HF folder (LLaVA, LLaVA-NeXT(-Video), OneVision, "
+                                      "PaliGemma, DeepSeek-VL) -> params-only checkpoint")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     dt = sub.add_parser("data", help="dataset tools")

@@ -81,7 +81,7 @@ def load_params_only(directory: str) -> tuple[VLMConfig, Any]:
     return model_cfg, jax.tree.map(np.asarray, params)
 
 
-MODEL_KEYS = {"vision", "connector", "decoder"}
+MODEL_KEYS = {"vision", "connector", "decoder", "image_newline"}  # what HF exports hold
 
 
 def export_checkpoint(workdir: str, fmt: str, out: str, step: int | None = None) -> str:

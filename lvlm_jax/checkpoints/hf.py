@@ -1,4 +1,5 @@
-"""Hugging Face interop: import LLaVA, PaliGemma, DeepSeek-VL and single towers; export the three.
+"""Hugging Face interop: import LLaVA (-NeXT, -NeXT-Video, -OneVision), PaliGemma, DeepSeek-VL and
+single towers; export the VLMs.
 
     cfg, params = import_hf("llava-1.5-7b-hf")     # numpy params, scanned layout by default
     model = build_model(cfg); model.apply({"params": params}, ids, pixels)
@@ -98,6 +99,8 @@ def _spec(cfg: Mapping[str, Any], family: str) -> list[Entry]:
         spec += language_spec(language_config(**cfg["language"]))
     if "connector" in cfg:
         spec += projector_spec(family, cfg["connector"].get("projector_bias", True))
+    if cfg.get("image_newline"):
+        spec.append(Entry("image_newline", "image_newline", "copy"))
     return spec
 
 
@@ -150,10 +153,11 @@ def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: str = "floa
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """An HF checkpoint folder -> (model config dict, params below the "params" collection).
 
-    LLaVA and PaliGemma give a whole VLM. A single tower gives a fragment under the same names
-    as in a VLM, to merge into one: `({"vision": ...}, {"vision": params})` for a CLIP/SigLIP
-    vision model, `({"language": ...}, {"decoder": params})` for a causal LM. Params are numpy
-    arrays of `param_dtype`, with layers stacked on a leading axis when `scan_layers`.
+    LLaVA (-NeXT, -NeXT-Video, -OneVision), PaliGemma and DeepSeek-VL give a whole VLM. A single
+    tower gives a fragment under the same names as in a VLM, to merge into one: `({"vision":
+    ...}, {"vision": params})` for a CLIP/SigLIP vision model, `({"language": ...}, {"decoder":
+    params})` for a causal LM. Params are numpy arrays of `param_dtype`, with layers stacked on
+    a leading axis when `scan_layers`.
     """
     hf = read_hf_config(hf_dir)
     _, family = hf_model_type(hf)
@@ -199,9 +203,11 @@ def _host_params(params: Any) -> dict[str, Any]:
 
 def export_hf(model_cfg: VLMConfig | Mapping[str, Any], params: Any, out_dir: str, *,
               extra_config: Mapping[str, Any] | None = None) -> str:
-    """Writes config.json + model.safetensors that transformers' LlavaForConditionalGeneration,
-    PaliGemmaForConditionalGeneration or (a SigLIP tower's final output through an MLP, as the
-    demo's model) DeepseekVLForConditionalGeneration loads. `extra_config` entries (token ids,
+    """Writes config.json + model.safetensors that transformers' LlavaForConditionalGeneration
+    (LlavaNext-, LlavaNextVideo- or LlavaOnevisionForConditionalGeneration for a model with
+    image_newline and grid pinpoints), PaliGemmaForConditionalGeneration or (a SigLIP tower's
+    final output through an MLP, as the demo's model) DeepseekVLForConditionalGeneration
+    loads. `extra_config` entries (token ids,
     ...) are merged into config.json. Never touches an existing non-empty `out_dir`; returns
     its path.
     """
@@ -219,10 +225,7 @@ def export_hf(model_cfg: VLMConfig | Mapping[str, Any], params: Any, out_dir: st
     hf, family = config_to_hf(cfg, dtype)
     hf.update(extra_config or {})
     # The exported model is scan-agnostic; compare against the unscanned layout.
-    cfg_dict = {"vision": dataclasses.asdict(cfg.vision),
-                "language": dataclasses.asdict(cfg.language),
-                "connector": dataclasses.asdict(cfg.connector),
-                "image_token_id": cfg.image_token_id, "prefix_lm": cfg.prefix_lm}
+    cfg_dict = dataclasses.asdict(cfg)
     spec = _spec(cfg_dict, family)
     shapes = _expected_shapes(cfg_dict, family)
     _check_spec(spec, shapes)

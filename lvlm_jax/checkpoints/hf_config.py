@@ -1,5 +1,5 @@
-"""Hugging Face config.json <-> our model-config dicts: LLaVA, PaliGemma, DeepSeek-VL and single
-towers.
+"""Hugging Face config.json <-> our model-config dicts: LLaVA (with LLaVA-NeXT, LLaVA-NeXT-Video and
+LLaVA-OneVision), PaliGemma, DeepSeek-VL and single towers.
 
 A config.json written by transformers may leave out any value equal to its class default (older
 versions saved only the differences), so each supported model type carries its defaults here,
@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lvlm_jax.checkpoints.hf_anyres import anyres_from_hf, anyres_to_hf
 from lvlm_jax.models.vlm import VLMConfig
 
 # HF class name -> model_type, for configs that name only their architecture.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "PaliGemmaForConditionalGeneration": "paligemma",
     "DeepseekVLForConditionalGeneration": "deepseek_vl",
     "CLIPVisionModel": "clip_vision_model", "CLIPModel": "clip",
@@ -24,7 +28,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
 }
-FAMILIES = {"llava": "llava", "paligemma": "paligemma", "deepseek_vl": "deepseek_vl",
+# The any-res LLaVAs share LLaVA's weights, plus the learned image_newline.
+FAMILIES = {"llava": "llava", "llava_next": "llava", "llava_next_video": "llava",
+            "llava_onevision": "llava", "paligemma": "paligemma", "deepseek_vl": "deepseek_vl",
             "clip_vision_model": "vision",
             "clip": "vision", "siglip_vision_model": "vision", "siglip": "vision",
             "llama": "language", "mistral": "language", "qwen2": "language", "gemma": "language"}
@@ -55,6 +61,29 @@ TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
 # What LlavaConfig / PaliGemmaConfig build when a sub-config is absent altogether.
 LLAVA_VISION = dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
                     patch_size=14, image_size=336, num_hidden_layers=24, num_attention_heads=16)
+ONEVISION_VISION = dict(model_type="siglip_vision_model", hidden_size=1152,
+                        intermediate_size=4304, patch_size=14, image_size=384,
+                        num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# Per LLaVA model_type: what its config class fills in for absent keys (transformers 5.x).
+LLAVA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llava": dict(vision=LLAVA_VISION, text="llama", image_token_index=32000,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "llava_next": dict(vision=LLAVA_VISION, text="llama", image_token_index=32000,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       image_grid_pinpoints=_NEXT_PINPOINTS),
+    "llava_next_video": dict(vision=LLAVA_VISION, text="llama", image_token_index=32001,
+                             video_token_index=32000, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default",
+                             image_grid_pinpoints=_NEXT_PINPOINTS, spatial_pool_mode="average",
+                             spatial_pool_stride=2),
+    "llava_onevision": dict(vision=ONEVISION_VISION, text="qwen2", image_token_index=151646,
+                            video_token_index=151647, vision_feature_layer=-1,
+                            vision_feature_select_strategy="full",
+                            image_grid_pinpoints=[[384 * i, 384 * j] for i in range(1, 7)
+                                                  for j in range(1, 7)],
+                            vision_aspect_ratio="anyres_max_9"),
+}
 PALIGEMMA_VISION = dict(model_type="siglip_vision_model", intermediate_size=4096,
                         hidden_size=1152, patch_size=14, image_size=224, num_hidden_layers=27,
                         num_attention_heads=16, vision_use_head=False)
@@ -215,17 +244,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
                     image_token_id=int(hf.get("image_token_id", 100015)),
                     connector=dict(kind="projector", projector="mlp2x_gelu",
                                    projector_bias=True))
-    # LLaVA
-    vision = vision_from_hf(hf.get("vision_config"), LLAVA_VISION)
-    language = language_from_hf(hf.get("text_config"), {"model_type": "llama"})
+    # LLaVA and its any-res / video successors
+    d = LLAVA_DEFAULTS[model_type]
+    vision = vision_from_hf(hf.get("vision_config"), d["vision"])
+    language = language_from_hf(hf.get("text_config"), {"model_type": d["text"]})
     language["tie_embeddings"] |= bool(hf.get("tie_word_embeddings", False))
     act = hf.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"unsupported LLaVA projector_hidden_act {act!r}; supported: gelu")
-    layer = hf.get("vision_feature_layer", -2)
+    layer = hf.get("vision_feature_layer", d["vision_feature_layer"])
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer={layer!r}: only a single int layer is supported")
-    strategy = hf.get("vision_feature_select_strategy", "default")
+    strategy = hf.get("vision_feature_select_strategy", d["vision_feature_select_strategy"])
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
     if strategy == "default" and not vision["cls_token"]:
@@ -233,10 +263,14 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("vision_feature_select_strategy 'default' with a SigLIP tower (no CLS "
                          "token) is not supported; use 'full'")
     vision.update(feature_layer=layer, drop_cls=strategy == "default")
-    return dict(vision=vision, language=language, prefix_lm=False,
-                image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
-                connector=dict(kind="projector", projector="mlp2x_gelu",
-                               projector_bias=bool(hf.get("multimodal_projector_bias", True))))
+    out = dict(vision=vision, language=language, prefix_lm=False,
+               image_token_id=int(hf.get("image_token_index",
+                                         hf.get("image_token_id", d["image_token_index"]))),
+               connector=dict(kind="projector", projector="mlp2x_gelu",
+                              projector_bias=bool(hf.get("multimodal_projector_bias", True))))
+    if model_type != "llava":
+        out.update(anyres_from_hf(hf, model_type, d))
+    return out
 
 
 def _vision_to_hf(cfg: VLMConfig) -> dict[str, Any]:
@@ -319,9 +353,10 @@ def config_to_hf(cfg: VLMConfig, dtype: str = "float32") -> tuple[dict[str, Any]
     if layer is None:
         layer = -1  # CLIP's final output is its last hidden state
     strategy = "default" if cfg.vision.cls_token and cfg.vision.drop_cls else "full"
-    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
-                image_token_index=cfg.image_token_id, image_seq_length=cfg.vision.num_tokens,
-                projector_hidden_act="gelu", multimodal_projector_bias=c.projector_bias,
-                vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                tie_word_embeddings=cfg.language.tie_embeddings, dtype=dtype,
-                text_config=text, vision_config=vision), "llava"
+    out = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+               image_token_index=cfg.image_token_id, image_seq_length=cfg.vision.num_tokens,
+               projector_hidden_act="gelu", multimodal_projector_bias=c.projector_bias,
+               vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+               tie_word_embeddings=cfg.language.tie_embeddings, dtype=dtype,
+               text_config=text, vision_config=vision)
+    return {**out, **anyres_to_hf(cfg)}, "llava"

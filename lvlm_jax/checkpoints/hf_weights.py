@@ -2,9 +2,9 @@
 
 Names are first made canonical, whatever the file's layout: `vision.<rest>` for the tower
 (`vision_tower.`, `model.vision_tower.`, optionally followed by `vision_model.`), `text.<rest>`
-for the decoder (`language_model.model.`, `model.language_model.`), `lm_head.weight` and
-`projector.<rest>`. The spec then pairs each canonical name with an unscanned parameter path
-(`decoder/stack/layers_0/...`) and a transform kind:
+for the decoder (`language_model.model.`, `model.language_model.`), `lm_head.weight`,
+`projector.<rest>` and LLaVA-NeXT's `image_newline`. The spec then pairs each canonical name with
+an unscanned parameter path (`decoder/stack/layers_0/...`) and a transform kind:
 
   dense_in   torch Linear [out, in] <-> kernel [in, *out_axes] (q/k/v: [embed, heads, head_dim])
   dense_out  torch Linear [out, in] <-> kernel [*in_axes, out] (o_proj: [heads, head_dim, embed])
@@ -43,6 +43,7 @@ _LAYOUTS = {
         (r"(?:model\.)?multi_modal_projector\.", "projector."),
         (r"(?:language_model\.)?lm_head\.", "lm_head."),
         (r"(?:model\.)?language_model\.(?:model\.)?", "text."),
+        (r"(?:model\.)?(?=image_newline$)", ""),  # LLaVA-NeXT / OneVision
     ],
     "deepseek_vl": [
         (r"(?:model\.)?vision_model\.(?:vision_model\.)?", "vision."),
@@ -61,7 +62,8 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|position_ids)$|(text_model|text_
 # Where our export writes each canonical prefix: the hub layout, which transformers 4.x and
 # 5.x both load.
 EXPORT_PREFIX = {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.",
-                 "lm_head.": "language_model.lm_head.", "text.": "language_model.model."}
+                 "lm_head.": "language_model.lm_head.", "text.": "language_model.model.",
+                 "image_newline": "image_newline"}
 EXPORT_PREFIXES = {"llava": EXPORT_PREFIX, "paligemma": EXPORT_PREFIX,
                    "deepseek_vl": {"vision.": "model.vision_model.", "projector.": "model.aligner.",
                                    "lm_head.": "lm_head.", "text.": "model.language_model."}}
