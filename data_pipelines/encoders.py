@@ -8,7 +8,17 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.images import ImageTooLarge, prepare_image
+from data_pipelines.media import (
+    OVER_BUDGET,
+    MediaError,
+    MediaOptions,
+    empty_media,
+    expand_placeholders,
+    image_media,
+    video_media,
+)
 from data_pipelines.templates import IMAGE_MARK, TextTokenizer, render
+from data_pipelines.tokenizer_base import VIDEO_MARK
 
 KINDS = ("caption", "conversation", "preference", "prompt")
 # The loader's pixel limit: PIL's decompression-bomb threshold, the one `lvlm data convert`
@@ -78,14 +88,22 @@ def encode_example(
     image_tokens: int,
     max_images: int = 1,
     image_mode: str = "pad",
+    media: MediaOptions | None = None,
 ) -> dict[str, np.ndarray]:
     """One record -> one fixed-length example (see `example_spec`); raises BadRecord.
 
     `targets[i]` is `input_ids[i + 1]` (0 at the last real position) and `loss_mask[i]` says whether
     it is supervised. Too-long text is cut from the end, never inside an image's token block; the
     images whose blocks were cut away are zeroed. A preference record gives a pair (see
-    `encode_preference`), a rollout prompt a prompt (see `encode_prompt`).
+    `encode_preference`), a rollout prompt a prompt (see `encode_prompt`). With `media`, a
+    caption or conversation becomes a flat example (see `encode_flat_example`).
     """
+    if media is not None:
+        if kind not in ("caption", "conversation"):
+            raise ValueError(f"flat media (data.media='flat') take caption and conversation "
+                             f"records, not {kind!r}")
+        return encode_flat_example(record, kind=kind, tokenizer=tokenizer, template=template,
+                                   seq_len=seq_len, media=media)
     if kind == "prompt":
         return encode_prompt(
             record, tokenizer=tokenizer, template=template, seq_len=seq_len,
@@ -226,3 +244,81 @@ def vqa_prompt(record: dict[str, Any]) -> dict[str, Any]:
     """A SyntheticShapes.vqa question -> a rollout prompt whose reference is its answer."""
     return {"id": record["id"], "images": [record["image"]],
             "prompt": f"{IMAGE_MARK}\n{record['question']}", "reference": record["answer"]}
+
+
+def _videos(record: dict[str, Any]) -> list[Any]:
+    video = record.get("video")
+    if video is None:
+        return list(record.get("videos") or [])
+    return list(video) if isinstance(video, list | tuple) else [video]
+
+
+def _video_id(tokenizer: TextTokenizer) -> int | None:
+    try:
+        return tokenizer.video_id
+    except ValueError:  # a tokenizer trained without <video>
+        return None
+
+
+def encode_flat_example(
+    record: dict[str, Any], *, kind: str, tokenizer: TextTokenizer, template: str,
+    seq_len: int, media: MediaOptions,
+) -> dict[str, np.ndarray]:
+    """A caption or conversation record with 0..N images and/or a `video` -> a fixed-length
+    example plus its media: `crops` uint8 [k, S, S, 3] and `media` int32 [m, 6] (one row per
+    image / clip in placeholder order; data_pipelines/media.py). Each `<image>` / `<video>`
+    mark becomes `media.token_count(row)` placeholders. Too-long text is cut from the end,
+    never inside a placeholder run; media cut away are dropped. Raises BadRecord."""
+    try:
+        turns, images = _conversation(record, kind)
+        videos = _videos(record)
+        ids, mask = render("plain" if kind == "caption" else template, turns, tokenizer, 1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadRecord(f"malformed record: {e!r}") from e
+    video_id = _video_id(tokenizer)
+    is_image = ids == tokenizer.image_id
+    is_video = (ids == video_id) if video_id is not None else np.zeros_like(is_image)
+    if is_image.sum() != len(images):
+        raise BadRecord(f"wrong image count: {int(is_image.sum())} {IMAGE_MARK} marks for "
+                        f"{len(images)} images")
+    if is_video.sum() != len(videos):
+        raise BadRecord(f"wrong video count: {int(is_video.sum())} {VIDEO_MARK} marks for "
+                        f"{len(videos)} videos")
+    where = np.flatnonzero(is_image | is_video)
+    pending = {True: iter(images), False: iter(videos)}
+    crops, rows = [], []
+    try:
+        for at in where:
+            item = next(pending[bool(is_image[at])])
+            c, row = (image_media if is_image[at] else video_media)(item, media)
+            crops.append(c)
+            rows.append(row)
+    except MediaError as e:
+        raise BadRecord(str(e)) from e
+    total = sum(len(c) for c in crops)
+    if media.max_crops and total > media.max_crops:
+        raise BadRecord(f"{OVER_BUDGET}: {total} crops, the budget of a batch group is "
+                        f"{media.max_crops} (data.max_crops / batch shards)")
+    counts = [int(media.token_count(row)) for row in rows]
+    ids, mask, starts = expand_placeholders(ids, mask, where, counts)
+    keep = min(len(ids), seq_len)
+    for start, n in zip(starts, counts, strict=True):
+        if start < keep < start + n:
+            keep = int(start)
+    kept = sum(1 for start, n in zip(starts, counts, strict=True) if start + n <= keep)
+    ids, mask = ids[:keep], mask[:keep]
+    if not mask[1:].any():
+        raise BadRecord(f"no supervised token fits in seq_len={seq_len}")
+    spec = example_spec(seq_len, media.crop_size)
+    example = {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()
+               if name != "pixel_values"}
+    example["input_ids"][:keep] = ids
+    example["targets"][: keep - 1] = ids[1:]
+    example["loss_mask"][: keep - 1] = mask[1:]
+    example["segment_ids"][:keep] = 1
+    example["positions"][:keep] = np.arange(keep)
+    example.update(empty_media(media.crop_size))
+    if kept:
+        example["crops"] = np.concatenate(crops[:kept])
+        example["media"] = np.stack(rows[:kept])
+    return example

@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_pipelines.media import FIELDS as RAGGED_FIELDS
 from data_pipelines.skips import STATE_KEY, SkipBudgetError, budget_message, skip_counts
 
 LANES_KEY = "lanes"  # where the per-row states sit in an iterator state
@@ -51,7 +52,9 @@ class _LaneBatchIterator(grain.DatasetIterator):
             read, skipped = skip_counts([lane.get_state() for lane in self._parents])
             if read >= self._min_records and skipped > self._max_fraction * read:
                 raise SkipBudgetError(budget_message(read, skipped, self._max_fraction))
-        return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+        # A flat example's crops and media differ in length from row to row: a list of rows.
+        return {k: [e[k] for e in elements] if k in RAGGED_FIELDS
+                else np.stack([e[k] for e in elements]) for k in elements[0]}
 
     def get_state(self) -> dict[str, Any]:
         return {LANES_KEY: {str(r): lane.get_state()

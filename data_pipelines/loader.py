@@ -29,6 +29,7 @@ from data_pipelines.encoders import (
     vqa_prompt,
 )
 from data_pipelines.lanes import lane_batches
+from data_pipelines.media import MediaOptions
 from data_pipelines.packing import MODES as PACKING_MODES
 from data_pipelines.packing import pack_first_fit
 from data_pipelines.skips import DropSkipped, Skipped
@@ -39,7 +40,8 @@ from data_pipelines.tokenizer import open_tokenizer, train_chat_tokenizer
 # The encoders live in encoders.py; they stay importable from here, where callers long found them.
 __all__ = [
     "DEMO_VOCAB_SIZE", "KINDS", "MAX_PIXELS", "PAIR_SIDES", "BadRecord", "EncodeRecord",
-    "PACKABLE_KINDS", "ReadableSource", "SkipStats", "SyntheticSource", "batch_examples",
+    "MediaOptions", "PACKABLE_KINDS", "ReadableSource", "SkipStats", "SyntheticSource",
+    "batch_examples",
     "check_pipeline", "checked_image", "demo_tokenizer", "encode_example", "encode_preference",
     "encode_prompt", "encoded_source", "example_spec", "make_dataset", "preference_spec",
     "prompt_spec", "reader_options", "vqa_prompt", "with_workers",
@@ -190,6 +192,8 @@ def make_dataset(
     worker_count: int = 0,
     packing: str = "none",
     min_skip_records: int = 1000,
+    media: MediaOptions | None = None,
+    batch_map: grain.transforms.Map | None = None,
 ) -> grain.IterDataset:
     """A deterministic, checkpointable grain pipeline of batches (dicts of stacked numpy arrays).
 
@@ -203,17 +207,21 @@ def make_dataset(
     `min_skip_records` reads). With `packing="first_fit"` a row holds several samples of its lane
     (see packing.py; preference pairs are never packed). Iteration ends when a lane of `rows`
     does. `worker_count` > 0 runs the pipeline in that many processes (see `with_workers`).
+    With `media`, examples are flat (encoders.encode_flat_example: 0..N images and/or a video
+    a row, any-res tiles) and their batches keep `crops` and `media` as lists of rows;
+    `batch_map` (e.g. the trainer's MediaLayout builder) then maps every batch.
     """
     check_pipeline(template, seq_len, batch_size, packing)
     examples = encoded_source(
         source, kind=kind, seed=seed, shuffle=shuffle, num_epochs=num_epochs, stats=stats,
         tokenizer=tokenizer, template=template, seq_len=seq_len, image_size=image_size,
-        image_tokens=image_tokens, max_images=max_images, image_mode=image_mode)
+        image_tokens=image_tokens, max_images=max_images, image_mode=image_mode, media=media)
     return batch_examples(
         examples, packable=kind in PACKABLE_KINDS, tokenizer=tokenizer, seq_len=seq_len,
         image_tokens=image_tokens, max_images=max_images, batch_size=batch_size, rows=rows,
         read_options=read_options, worker_count=worker_count, packing=packing,
-        max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records)
+        max_skip_fraction=max_skip_fraction, min_skip_records=min_skip_records,
+        max_crops=media.max_crops if media is not None else 0, batch_map=batch_map)
 
 
 def check_pipeline(template: str, seq_len: int, batch_size: int, packing: str) -> None:
@@ -247,12 +255,14 @@ def batch_examples(
     examples: grain.MapDataset, *, packable: bool, tokenizer: TextTokenizer, seq_len: int,
     image_tokens: int, max_images: int, batch_size: int, rows: Sequence[int] | None = None,
     read_options: grain.ReadOptions | None = None, worker_count: int = 0, packing: str = "none",
-    max_skip_fraction: float | None = 0.5, min_skip_records: int = 1000,
+    max_skip_fraction: float | None = 0.5, min_skip_records: int = 1000, max_crops: int = 0,
+    batch_map: grain.transforms.Map | None = None,
 ) -> grain.IterDataset:
     """The example stream (encoded examples and `Skipped` markers) -> this process's `rows` of
     every global batch of `batch_size` rows (lanes.py): in each row's lane the markers are
     dropped and counted in the iterator state (skips.DropSkipped; one skip budget over the
-    lanes), and rows are packed when `packing` asks and the examples are `packable`; made in
+    lanes), and rows are packed when `packing` asks and the examples are `packable` (flat
+    examples: at most `max_crops` crops a row); each batch goes through `batch_map`; made in
     `worker_count` processes."""
     num_lanes = batch_size if rows is None else len(rows)
     options = reader_options(read_options, worker_count, num_lanes)
@@ -263,12 +273,14 @@ def batch_examples(
         if packing == "first_fit" and packable:
             it = pack_first_fit(it, seq_len=seq_len, max_images=max_images,
                                 image_id=tokenizer.image_id, image_tokens=image_tokens,
-                                num_bins=LANE_PACKING_BINS)
+                                num_bins=LANE_PACKING_BINS, max_crops=max_crops)
         return it
 
     batches = lane_batches(examples, batch_size=batch_size, rows=rows, make_lane=make_lane,
                            max_skip_fraction=max_skip_fraction,
                            min_skip_records=min_skip_records)
+    if batch_map is not None:
+        batches = batches.map(batch_map)
     return with_workers(batches, worker_count)
 
 

@@ -5,7 +5,9 @@ A packed row holds samples one after another: `segment_ids` number them 1..k (0 
 token predicts or attends across samples (see lvlm_jax/models/attention.py MaskInfo). A row's
 images are its samples' images in order, at most `max_images`: the model gives the k-th image
 block of a row the k-th image. A sample whose tokens or images do not fit in any open row
-starts new rows.
+starts new rows. A flat example (data.media="flat": `crops` and `media` instead of
+`pixel_values`, data_pipelines/media.py) packs the same way: a row's media are its samples'
+media in order, its crops at most `max_crops` (a batch group's budget).
 
 grain's FirstFitPackIterDataset does the packing (it is deterministic and checkpointable: its
 state is its parent's at the last emitted rows); this module trims examples to their real
@@ -19,8 +21,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_pipelines.media import FIELDS as MEDIA_FIELDS
+
 MODES = ("none", "first_fit")
 TEXT_FIELDS = ("input_ids", "targets", "loss_mask")
+FLAT_FIELDS = MEDIA_FIELDS  # a flat example's media, already only those it keeps
 
 
 def trim_example(example: dict[str, np.ndarray], image_id: int,
@@ -30,6 +35,9 @@ def trim_example(example: dict[str, np.ndarray], image_id: int,
     ids = example["input_ids"][:length]
     images = int(np.count_nonzero(ids == image_id)) // max(image_tokens, 1)
     out = {name: example[name][:length] for name in TEXT_FIELDS}
+    if "media" in example:
+        out.update({name: example[name] for name in FLAT_FIELDS})
+        return out
     out["pixel_values"] = example["pixel_values"][:images]
     return out
 
@@ -47,23 +55,29 @@ class _Rename(grain.transforms.Map):
     has the same layout, so the input ids' become the row's."""
 
     def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {name: packed[name] for name in (*TEXT_FIELDS, "pixel_values")}
+        media = FLAT_FIELDS if "media" in packed else ("pixel_values",)
+        out = {name: packed[name] for name in (*TEXT_FIELDS, *media)}
         out["segment_ids"] = packed["input_ids_segment_ids"]
         out["positions"] = packed["input_ids_positions"]
         return out
 
 
 def pack_first_fit(examples: grain.IterDataset, *, seq_len: int, max_images: int,
-                   image_id: int, image_tokens: int, num_bins: int) -> grain.IterDataset:
+                   image_id: int, image_tokens: int, num_bins: int,
+                   max_crops: int = 0) -> grain.IterDataset:
     """Encoded examples (see loader.example_spec) -> packed rows of the same fields and shapes.
 
     `num_bins` rows are open at a time; samples go into the first with room for both their
-    tokens and their images, and when one fits nowhere all open rows are emitted.
+    tokens and their images, and when one fits nowhere all open rows are emitted. With
+    `max_crops`, flat examples: a row holds at most that many crops (and media), zero-padded.
     """
     if num_bins < 1:
         raise ValueError(f"packing needs at least one open row, got num_bins={num_bins}")
     lengths = {name: seq_len for name in TEXT_FIELDS}
-    lengths["pixel_values"] = max_images
+    if max_crops:
+        lengths.update({name: max_crops for name in FLAT_FIELDS})
+    else:
+        lengths["pixel_values"] = max_images
     packed = grain.experimental.FirstFitPackIterDataset(
         examples.map(_Trim(image_id, image_tokens)), length_struct=lengths,
         num_packing_bins=num_bins, shuffle_bins=False)

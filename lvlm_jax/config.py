@@ -56,6 +56,14 @@ def base_config() -> ConfigDict:
         "batch_size": 32,
         "image_size": 0,  # 0: the vision tower's
         "max_images": 1,
+        # How a batch carries its images: "padded" ([batch, max_images, S, S, 3]) or "flat"
+        # (lvlm_jax/models/media_layout.py: the batch's crops, any-res tiles and video frames
+        # included, in one budget of max_crops, split evenly over the batch shards; rows hold 0
+        # to N images and/or a video). Any-res tiling is on when model.image_grid_pinpoints is
+        # set (flat only).
+        "media": "padded",
+        "max_crops": 0,  # flat: crops per global batch (0: batch_size x max_images)
+        "num_frames": 8,  # flat: frames sampled from each video
         "image_mean": (0.5, 0.5, 0.5),
         "image_std": (0.5, 0.5, 0.5),
         "tokenizer": "",  # a sentencepiece .model; empty: the demo tokenizer

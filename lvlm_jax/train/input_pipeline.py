@@ -13,11 +13,12 @@ import jax
 import numpy as np
 
 from data_pipelines.arrayrecord_source import ArrayRecordSource
-from data_pipelines.loader import SyntheticSource, demo_tokenizer, make_dataset
+from data_pipelines.loader import SkipStats, SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.mixture import make_mixture_dataset, open_mixture, parse_mixture
 from data_pipelines.skips import has_skip_counts, skip_counts
 from data_pipelines.tokenizer import TextTokenizer, open_tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
+from lvlm_jax.train.media_batch import MediaBatch, flat_crops, media_options
 
 
 def cache_dir() -> str:
@@ -148,13 +149,16 @@ def make_eval_batches(cfg: Any, model_cfg: VLMConfig):
     if hasattr(source, "n"):
         source.n = min(source.n, cfg.evals.num_examples)
     batch = min(d.batch_size, cfg.evals.num_examples)
+    # Flat media: host-local batches in one group, with the training budget's share of crops.
+    media = flat_media(cfg, model_cfg, tokenizer, groups=1, batch_size=batch,
+                       crops=-(-flat_crops(cfg) * batch // d.batch_size))
 
     def batches():
         return make_dataset(
             source, kind=d.kind, tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
             image_size=image_size(cfg, model_cfg), image_tokens=text_image_tokens(model_cfg),
             max_images=d.max_images, batch_size=batch, seed=cfg.seed, shuffle=False,
-            num_epochs=1, image_mode=d.get("image_mode", "pad"))
+            num_epochs=1, image_mode=d.get("image_mode", "pad"), **media)
 
     return batches
 
@@ -173,6 +177,7 @@ def make_input(cfg: Any, workdir: str | None = None
     d = cfg.data
     tokenizer = load_tokenizer(d)
     model_cfg = resolve_model_config(cfg, tokenizer)
+    stats = SkipStats()
     common = dict(
         tokenizer=tokenizer, template=d.template, seq_len=d.seq_len,
         image_size=image_size(cfg, model_cfg), image_tokens=text_image_tokens(model_cfg),
@@ -180,14 +185,70 @@ def make_input(cfg: Any, workdir: str | None = None
         max_images=d.max_images, batch_size=d.batch_size, seed=cfg.seed,
         shuffle=d.shuffle, rows=process_rows(cfg),
         worker_count=d.worker_count, packing=d.packing, max_skip_fraction=d.max_skip_fraction,
-        min_skip_records=d.skip_budget_after)
+        min_skip_records=d.skip_budget_after, stats=stats)
     check_packing(cfg, model_cfg)
+    common.update(flat_media(cfg, model_cfg, tokenizer, stats))
     if d.mixture:
         dataset, size = _mixture_dataset(cfg, model_cfg, **common)
         return iter(dataset), model_cfg, size
     source = make_source(cfg, model_cfg)
     dataset = make_dataset(source, kind=d.kind, **common)
     return iter(dataset), model_cfg, len(source)
+
+
+def media_groups(cfg: Any) -> int:
+    """The crop groups of a flat batch: the batch shards (data x fsdp) of the run's mesh."""
+    from lvlm_jax import sharding
+
+    return sharding.batch_axis_size(sharding.make_mesh(cfg.mesh.to_dict()))
+
+
+def flat_media(cfg: Any, model_cfg: VLMConfig, tokenizer: TextTokenizer,
+               stats: SkipStats | None = None, groups: int | None = None,
+               batch_size: int | None = None, crops: int | None = None) -> dict[str, Any]:
+    """make_dataset's `media` and `batch_map` for data.media="flat" ({} for "padded"): batches
+    of `batch_size` rows (data.batch_size) in `groups` groups (the mesh's batch shards) sharing
+    `crops` crops (data.max_crops); fails with a message naming the setting that does not fit.
+    """
+    d = cfg.data
+    if d.media not in ("padded", "flat"):
+        raise ValueError(f"data.media must be 'padded' or 'flat', got {d.media!r}")
+    if d.media == "padded":
+        if model_cfg.image_grid_pinpoints:
+            raise ValueError("any-res tiling (model.image_grid_pinpoints) needs "
+                             "data.media='flat'")
+        return {}
+    why = ("data.mixture" if d.mixture
+           else f"data.kind={d.kind!r}" if d.kind not in ("caption", "conversation")
+           else f"a {model_cfg.connector.kind!r} connector"
+           if model_cfg.connector.kind != "projector"
+           else f"data.image_size={d.image_size}"
+           if d.image_size not in (0, model_cfg.vision.image_size) else None)
+    if why:
+        raise ValueError(f"data.media='flat' does not work with {why} (it takes caption and "
+                         "conversation records, a projector, and crops of the vision tower's "
+                         "size)")
+    groups = media_groups(cfg) if groups is None else groups
+    crops = flat_crops(cfg) if crops is None else crops
+    batch_size = d.batch_size if batch_size is None else batch_size
+    if crops % groups or batch_size % groups:
+        raise ValueError(f"data.max_crops={crops} and data.batch_size={batch_size} must "
+                         f"split evenly over the {groups} batch shards (data x fsdp)")
+    try:
+        video_ids = tuple(i for i in (tokenizer.video_id,) if i is not None)
+    except ValueError:  # a tokenizer without <video>: image records only
+        video_ids = ()
+    # Packed rows each keep to their share of the group's crops, so none is ever emptied;
+    # unpacked rows share the group's budget (a row of 3 images beside text-only rows).
+    sample_crops = crops // batch_size if d.packing == "first_fit" else crops // groups
+    if sample_crops < 1:
+        raise ValueError(f"data.packing='first_fit' gives each row data.max_crops / "
+                         f"data.batch_size crops: {crops} / {batch_size} is none")
+    return {"media": media_options(model_cfg, sample_crops, d.num_frames,
+                                   d.get("image_mode", "pad")),
+            "batch_map": MediaBatch(model_cfg, rows_per_group=batch_size // groups,
+                                    crops_per_group=crops // groups,
+                                    media_ids=(tokenizer.image_id, *video_ids), stats=stats)}
 
 
 def process_rows(cfg: Any) -> list[int]:

@@ -21,16 +21,23 @@ from lvlm_jax import config as config_lib
 from lvlm_jax import progress as progress_lib
 from lvlm_jax import sharding
 from lvlm_jax.models import VLM, build_model, dummy_inputs, vlm_config
+from lvlm_jax.models.media_layout import media_taps
 from lvlm_jax.sharding import mesh_context
 from lvlm_jax.train import flops as flops_lib
 from lvlm_jax.train import lora as lora_lib
+from lvlm_jax.train.media_batch import flat_crops
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.optimizer import make_optimizer, trainable_mask
 from lvlm_jax.train.periodic_evals import make_evaluator
 from lvlm_jax.train.preemption import StopFlag
 from lvlm_jax.train.profiling import Profiler, check_profile_steps
 from lvlm_jax.train.stages import LossContext, get_stage
-from lvlm_jax.train.stages.base import extra_param_keys, plain_causal_rows, with_extra_params
+from lvlm_jax.train.stages.base import (
+    batch_fields,
+    extra_param_keys,
+    plain_causal_rows,
+    with_extra_params,
+)
 from lvlm_jax.train.step import TrainState, make_train_step
 
 
@@ -68,12 +75,23 @@ class Setup:
         size = d.image_size or v.image_size
         shapes = {"pixel_values": ((d.batch_size, d.max_images, size, size, 3), jnp.uint8),
                   "loss_mask": ((d.batch_size, d.seq_len), jnp.float32)}
+        if "image_slots" in self.batch_shardings:  # flat media: [groups, crops] of crops
+            groups = sharding.batch_axis_size(self.mesh)
+            crops = flat_crops(self.cfg) // groups
+            taps = (d.batch_size, d.seq_len, media_taps(self.model.cfg))
+            shapes.update(pixel_values=((groups, crops, size, size, 3), jnp.uint8),
+                          image_slots=(taps, jnp.int32), image_weights=(taps, jnp.float32),
+                          crop_valid=((groups, crops), jnp.bool_))
         # Preference pairs name their fields chosen_loss_mask, rejected_input_ids, ...
         base = lambda f: f.removeprefix("chosen_").removeprefix("rejected_")  # noqa: E731
         return {f: jax.ShapeDtypeStruct(
                     *shapes.get(base(f), ((d.batch_size, d.seq_len), jnp.int32)),
                     sharding=self.batch_shardings[f])
                 for f in self.batch_shardings}
+
+
+# Batch arrays are sharded on their leading axis (rows, or a flat batch's crop groups).
+FIELD_NDIM = {"pixel_values": 5, "image_slots": 3, "image_weights": 3}
 
 
 def optimizer_config(cfg) -> dict:
@@ -150,15 +168,23 @@ def plan(cfg, model_cfg=None, dataset_size: int | None = None, devices=None) -> 
                       image_std=tuple(cfg.data.image_std), loss_chunk=cfg.train.loss_chunk,
                       config=cfg, plain_causal=plain_causal_rows(cfg))
     step = make_train_step(ctx, stage, tx, trainable, schedule, cfg.train.grad_accum)
-    batch_shardings = {f: sharding.batch_sharding(mesh, 5 if f == "pixel_values" else 2)
-                       for f in stage.fields}
+    fields = batch_fields(stage, cfg)
+    if "image_slots" in fields and cfg.train.grad_accum > 1:
+        raise ValueError("data.media='flat' does not split into micro-batches (a group's "
+                         "crops serve its rows together): set train.grad_accum=1")
+    if "image_slots" in fields and flat_crops(cfg) % sharding.batch_axis_size(mesh):
+        raise ValueError(f"data.max_crops={flat_crops(cfg)} does not split evenly over the "
+                         f"{sharding.batch_axis_size(mesh)} batch shards (data x fsdp)")
+    batch_shardings = {f: sharding.batch_sharding(mesh, FIELD_NDIM.get(f, 2)) for f in fields}
     step_fn = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     trains_vision = any(jax.tree.leaves(trainable.get("vision", {})))
     trains_lm = any(jax.tree.leaves(trainable.get("decoder", {})))
+    # A flat batch's vision tower runs on its crop budget, whatever the rows hold.
+    images = (flat_crops(cfg) / cfg.data.batch_size if "image_slots" in fields
+              else cfg.data.max_images)
     flops = cfg.data.batch_size * flops_lib.train_flops_per_example(
-        model_cfg, abstract_params, cfg.data.seq_len, cfg.data.max_images, trains_vision,
-        trains_lm)
+        model_cfg, abstract_params, cfg.data.seq_len, images, trains_vision, trains_lm)
     jit_init = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)
     return Setup(cfg, mesh, rules, model, abstract_state, state_shardings, batch_shardings,
                  jit_init, step_fn, schedule, steps, flops, model_cfg=model_cfg)
@@ -283,7 +309,7 @@ def run_steps(setup: Setup, batches: Iterator[Mapping[str, np.ndarray]], num_ste
             local = next(batches)
             if rollout is None:
                 batch, rollout_metrics = sharding.to_global(
-                    {f: local[f] for f in stage.fields}, mesh), {}
+                    {f: local[f] for f in setup.batch_shardings}, mesh), {}
             else:
                 batch, rollout_metrics = rollout(state, local)
             if not compiled:

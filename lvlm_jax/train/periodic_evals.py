@@ -10,7 +10,7 @@ import jax
 from lvlm_jax.train import lora as lora_lib
 from lvlm_jax.train.metrics_writer import MetricsWriter
 from lvlm_jax.train.stages import LossContext, get_stage
-from lvlm_jax.train.stages.base import Stage
+from lvlm_jax.train.stages.base import Stage, batch_fields
 
 
 def eval_loss(ctx: LossContext, stage: Stage, params: Any, batches: Iterable[dict]) -> float:
@@ -19,7 +19,7 @@ def eval_loss(ctx: LossContext, stage: Stage, params: Any, batches: Iterable[dic
     fn = jax.jit(lambda p, b: stage.loss(ctx, p, b, jax.random.PRNGKey(0))[:2])
     total = weight = 0.0
     for batch in batches:
-        t, w = fn(params, {f: batch[f] for f in stage.fields})
+        t, w = fn(params, {f: batch[f] for f in batch_fields(stage, ctx.config)})
         total, weight = total + float(t), weight + float(w)
     return total / max(weight, 1.0)
 

@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lvlm_jax.models.media_layout import MediaLayout
 from lvlm_jax.models.vlm import instruction_inputs, normalize_pixels  # noqa: F401 (re-export)
 from lvlm_jax.train import losses
 from lvlm_jax.train.lora import model_variables
@@ -58,11 +59,16 @@ class LossContext:
     # fused attention ("jax", "cudnn") then uses its kernel's causal mask, no dense one.
     plain_causal: bool = False
 
-    def pixels(self, batch: Mapping[str, Array]) -> Array | None:
-        """uint8 images shipped by the loader -> normalised floats, on the device."""
+    def pixels(self, batch: Mapping[str, Array]) -> Array | MediaLayout | None:
+        """uint8 images shipped by the loader -> normalised floats, on the device; a flat
+        batch's (data.media="flat": `image_slots`, `image_weights` beside its [groups, crops]
+        pixels) as the MediaLayout the model takes in pixel_values' place."""
         if "pixel_values" not in batch:
             return None
-        return normalize_pixels(batch["pixel_values"], self.image_mean, self.image_std)
+        pixels = normalize_pixels(batch["pixel_values"], self.image_mean, self.image_std)
+        if "image_slots" in batch:
+            return MediaLayout(pixels, batch["image_slots"], batch["image_weights"])
+        return pixels
 
 
 # loss(ctx, params, batch, rng) -> (sum of per-token losses, their total weight, metric sums)
@@ -194,6 +200,21 @@ def next_token_loss(ctx: LossContext, params: Any, batch: Mapping[str, Array], r
 
 
 LM_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "pixel_values")
+# A flat batch's media beside pixel_values [groups, crops, S, S, 3] (train/media_batch.py).
+FLAT_MEDIA_FIELDS = ("image_slots", "image_weights", "crop_valid")
+
+
+def batch_fields(stage: Stage, cfg: Any) -> tuple[str, ...]:
+    """The fields the loop ships to `stage`'s step: its own, and with data.media="flat" the
+    flat media fields (a stage that takes pixels and sees them as a MediaLayout)."""
+    media = cfg.data.get("media", "padded") if cfg is not None else "padded"
+    if media != "flat" or "pixel_values" not in stage.fields:
+        return stage.fields
+    if stage.fields != LM_FIELDS:
+        raise ValueError(f"data.media='flat' feeds the next-token stages (sft, pretrain); "
+                         f"stage {stage.name!r} takes {', '.join(stage.fields)}: use "
+                         "data.media='padded'")
+    return (*stage.fields, *FLAT_MEDIA_FIELDS)
 
 
 # ---- preference pairs (reward, DPO) --------------------------------------------------------
