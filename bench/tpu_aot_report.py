@@ -2,6 +2,8 @@
 per-chip memory, the collectives of the optimized program, a roofline step time and its MFU.
 
     python bench/tpu_aot_report.py --out bench/results/tpu_aot_report.txt
+    python bench/tpu_aot_report.py --config=experiments/llava_next.py:7b \
+        --out bench/results/tpu_aot_report_llava_next.txt
 
 writes the text there and every report as JSON beside it (bench/results/tpu_aot_report.json).
 Each stage (pretrain, sft, dpo, ppo's update) compiles with the same config, its stage swapped
@@ -36,6 +38,16 @@ CASES: list[tuple[str, dict[str, str], str]] = [
     ("v5p-64", {"data.batch_size": "256"}, "at stage 1's batch (256)"),
     ("v5e-256", {"data.batch_size": "128"}, "at stage 2's batch (128)"),
 ]
+# --config=experiments/llava_next.py:7b: LLaVA-NeXT's any-res instruction tuning (sft only: flat
+# media take no preference or rollout records), its stage-2 batch of 128 at 4096 tokens with
+# the recipe's budget of 4 crops of 336 a row (an image takes up to 5: a global view + a 2x2,
+# 1x3 or 3x1 grid), the crops of 4 rows in each of the 32 chips' groups.
+OTHER_CASES: dict[str, tuple[tuple[str, ...], list[tuple[str, dict[str, str], str]]]] = {
+    "experiments/llava_next.py:7b": (("sft",), [
+        ("v5p-64", {"data.batch_size": "128"},
+         "at stage 2's batch (128 x 4096 tokens), any-res: 512 crops of 336 a step"),
+    ]),
+}
 # Tried in order until one fits; each adds to the config's own settings.
 ATTEMPTS: list[tuple[str, dict[str, str]]] = [
     ("as configured", {}),
@@ -49,11 +61,11 @@ ATTEMPTS: list[tuple[str, dict[str, str]]] = [
 
 
 def run_case(topology: str, overrides: dict[str, str], what: str, stage: str, log,
-             reports: list[dict[str, Any]]) -> bool:
-    log(f"== {CONFIG} on {topology}, stage {stage}: {what}")
+             reports: list[dict[str, Any]], config: str = CONFIG) -> bool:
+    log(f"== {config} on {topology}, stage {stage}: {what}")
     for label, extra in ATTEMPTS:
         settings = {**overrides, **extra}
-        cfg = config_lib.load(CONFIG, list(settings.items()))
+        cfg = config_lib.load(config, list(settings.items()))
         t0 = time.perf_counter()
         try:
             report = aot.compile_report(cfg, topology, assumed_mfu=0.5, stage=stage)
@@ -61,7 +73,7 @@ def run_case(topology: str, overrides: dict[str, str], what: str, stage: str, lo
             log(f"-- {label}: does not build: {str(e).splitlines()[0][:160]}")
             continue
         took = time.perf_counter() - t0
-        report.update(config=CONFIG, overrides=settings, attempt=label)
+        report.update(config=config, overrides=settings, attempt=label)
         reports.append(report)
         if report["fits"]:
             log(f"-- {label} ({', '.join(f'{k}={v}' for k, v in settings.items())}); "
@@ -79,12 +91,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="", help="also write the output to this file, and the "
                                              "reports as JSON beside it (.json)")
-    p.add_argument("--topologies", default=",".join(t for t, _, _ in CASES),
-                   help="comma-separated subset of the cases' topologies")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages")
+    p.add_argument("--config", default=CONFIG,
+                   choices=(CONFIG, *OTHER_CASES), help="the recipe whose cases run")
+    p.add_argument("--topologies", default=None,
+                   help="comma-separated subset of the cases' topologies (default: all)")
+    p.add_argument("--stages", default=None, help="comma-separated stages (default: all)")
     args = p.parse_args()
-    stages = aot.parse_stages(args.stages)
-    topologies = args.topologies.split(",")
+    all_stages, cases = (STAGES, CASES) if args.config == CONFIG else OTHER_CASES[args.config]
+    stages = aot.parse_stages(args.stages or ",".join(all_stages))
+    topologies = (args.topologies or ",".join(t for t, _, _ in cases)).split(",")
     lines: list[str] = []
     reports: list[dict[str, Any]] = []
 
@@ -96,8 +111,8 @@ def main() -> int:
 
     log(f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}, "
         f"compiled on {os.cpu_count()} CPU cores")
-    ok = all([run_case(topology, overrides, what, stage, log, reports)
-              for topology, overrides, what in CASES if topology in topologies
+    ok = all([run_case(topology, overrides, what, stage, log, reports, args.config)
+              for topology, overrides, what in cases if topology in topologies
               for stage in stages])
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
