@@ -1,6 +1,6 @@
 """A built-in high-resolution task: one small shape in a large image of varied aspect ratio.
 
-The shape is a few pixels wide in a large canvas, so squeezing the whole image into one crop of
+The shape is 16 px wide in a 96-192 px canvas, so squeezing the whole image into one crop of
 the vision tower's size blurs it into a coloured dot (its colour survives, its outline does not),
 while any-res tiles keep it several pixels wide. The question asks for the shape, so held-out
 accuracy separates any-res from the plain resize (bench/anyres_vs_resize.py).
@@ -25,7 +25,7 @@ class HighResShapes:
     """Records {id, image, conversations} of the task; record i of a split depends only on
     (seed, split, i). `object_size` is the shape's side in pixels of the canvas."""
 
-    def __init__(self, seed: int = 0, split: str = "train", object_size: int = 10,
+    def __init__(self, seed: int = 0, split: str = "train", object_size: int = 16,
                  sizes: tuple[tuple[int, int], ...] = SIZES):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -69,3 +69,22 @@ class HighResShapes:
         image, shape, _ = self.sample(index)
         return {"id": f"highres-{self.split}-{index}", "image": image, "question": QUESTION,
                 "answer": shape, "kind": "shape"}
+
+
+class HighResSource:
+    """`n` HighResShapes conversations, random access (data.source="synthetic_highres")."""
+
+    def __init__(self, n: int, seed: int = 0, split: str = "train"):
+        self.n, self._task = n, HighResShapes(seed=seed, split=split)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self.n:
+            raise IndexError(f"record {index} out of range for {self.n} records")
+        return self._task.conversation(index)
+
+    def __repr__(self) -> str:
+        return f"HighResSource(n={self.n}, split={self._task.split!r})"

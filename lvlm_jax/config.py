@@ -28,7 +28,9 @@ def base_config() -> ConfigDict:
         "prefix_lm": False,
     })
     c.data = ConfigDict({
-        "source": "synthetic",  # synthetic | arrayrecord (data.path) | tfds (data.tfds)
+        # synthetic | synthetic_highres (one small shape in a large image: any-res's task) |
+        # arrayrecord (data.path) | tfds (data.tfds)
+        "source": "synthetic",
         "path": "",
         # tfds: NAME[/CONFIG][:VERSION] of a dataset prepared in tfds_dir with
         # file_format="array_record" (our LLaVA builder: lvlm_llava/llava, data_pipelines/

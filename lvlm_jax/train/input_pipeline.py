@@ -16,6 +16,7 @@ from data_pipelines.arrayrecord_source import ArrayRecordSource
 from data_pipelines.loader import SkipStats, SyntheticSource, demo_tokenizer, make_dataset
 from data_pipelines.mixture import make_mixture_dataset, open_mixture, parse_mixture
 from data_pipelines.skips import has_skip_counts, skip_counts
+from data_pipelines.synthetic_highres import HighResSource
 from data_pipelines.tokenizer import TextTokenizer, open_tokenizer
 from lvlm_jax.models import VLMConfig, vlm_config
 from lvlm_jax.train.media_batch import MediaBatch, flat_crops, media_options
@@ -98,6 +99,11 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
                                image_size=image_size(cfg, model_cfg), split=split,
                                description_noise=d.description_noise,
                                describe_share=d.describe_share)
+    if d.source == "synthetic_highres":
+        if d.kind != "conversation":
+            raise ValueError("data.source='synthetic_highres' holds conversation records; "
+                             f"data.kind is {d.kind!r}")
+        return HighResSource(d.num_examples, seed=cfg.seed, split=split)
     if d.source == "arrayrecord":
         if not d.path:
             raise ValueError("data.source='arrayrecord' needs data.path=DIR "
@@ -114,7 +120,8 @@ def make_source(cfg: Any, model_cfg: VLMConfig, split: str = "train"):
     if d.source == "tfds":
         return _tfds_source(cfg, split)
     raise ValueError(f"data.source={d.source!r} is not a source; "
-                     "use 'synthetic', 'arrayrecord' or 'tfds' (or set data.mixture)")
+                     "use 'synthetic', 'synthetic_highres', 'arrayrecord' or 'tfds' (or set "
+                     "data.mixture)")
 
 
 def _tfds_source(cfg: Any, split: str):
