@@ -92,3 +92,12 @@ def test_anyres_image_takes_tiles_unpadded_with_newlines():
     m = Media(grid=(1, 2), image_size=(20, 60))
     assert m.crops == 3
     assert num_media_tokens(cfg, m) == 16 + 2 * 8 + 2
+
+
+def test_generation_evaluators_refuse_an_anyres_model_instead_of_one_resized_view():
+    from lvlm_jax.evals.model_runner import ModelRunner
+
+    model = VLM(_cfg(image_newline=True, image_grid_pinpoints=[[32, 64], [64, 32]]))
+    runner = ModelRunner(model, None, None, "vicuna_v1", image_size=32)
+    with pytest.raises(ValueError, match="do not tile images any-res yet"):
+        runner._pixels([np.zeros((20, 60, 3), np.uint8)])

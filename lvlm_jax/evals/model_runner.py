@@ -111,6 +111,12 @@ class ModelRunner:
                 ) -> tuple[np.ndarray, np.ndarray]:
         """(normalized pixels [n, 1, h, w, 3], readable [n]) of this process's rows. With
         `skip_unreadable`, an image that cannot be decoded becomes a black one, flagged False."""
+        cfg = self.model.cfg
+        if cfg.image_grid_pinpoints or cfg.image_newline:
+            # One resized view would feed the model another layout than it was trained on.
+            raise ValueError("the generation-based evaluators do not tile images any-res yet "
+                             "(model.image_grid_pinpoints / image_newline); eval_loss, `lvlm "
+                             "generate` and VLMHandle.generate_ids do")
         blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         prepared, ok = [blank] * len(images), np.ones(len(images), bool)
         for r in self._local_rows(len(images)):
