@@ -120,7 +120,10 @@ def get_config(arg: str | None = None):
         c.data.description_noise = 0.5
         c.optimizer.learning_rate = 1e-3
         c.train.total_steps = 900
-        # The demo's LM starts from random weights, so SFT trains it with the connector;
-        # the vision tower stays as pretraining left it (LLaVA's stage 2).
-        c.optimizer.freeze = [r"vision/.*"]
+        # Everything trains, the vision tower too (as LLaVA-NeXT and Qwen-VL's instruction
+        # tuning do). With the tower frozen as captioning left it, presence questions ("is
+        # there a red circle?", a colour bound to a shape) plateaued for seed 2 at ~85% from
+        # step 450 on, with a yes-bias (POPE F1 83.7%, yes-ratio 64.7%); trained, the same seed
+        # reached 92.2% F1 at a 56.3% yes-ratio (steps ~20% slower).
+        c.optimizer.freeze = []
     return c
