@@ -151,7 +151,8 @@ def base_config() -> ConfigDict:
     # reference, else 0), "model" (a `reward` stage run at reward_model=WORKDIR) or "both"
     # (their sum); kl_coef weighs the KL to the frozen reference; epochs: optimizer steps on
     # each rollout batch before sampling again; value_grad_to_trunk: whether PPO's value loss
-    # trains the shared trunk too (False: the value head only).
+    # trains the shared trunk too (False: the value head only). temperature: the policy samples
+    # from softmax(logits / temperature), and its log-probs, ratios and KLs score that.
     c.ppo = ConfigDict({"max_new_tokens": 16, "temperature": 1.0, "kl_coef": 0.05,
                         "clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "gamma": 1.0,
                         "lam": 0.95, "whiten_advantages": True, "reward": "rule",

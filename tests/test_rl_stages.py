@@ -143,7 +143,7 @@ def test_rule_reward_is_exact_match_of_the_normalised_response_up_to_its_stop(to
     np.testing.assert_array_equal(rule_rewards(tokens, refs, tokenizer, (eos,)), [1, 0, 1, 0])
 
 
-def test_response_log_probs_equal_log_softmax_of_a_plain_forward():
+def test_response_log_probs_equal_log_softmax_of_a_plain_forward_at_the_temperature():
     cfg = tiny_config()
     model = build_model(vlm_config(cfg.model.to_dict()))
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **dummy_inputs(model.cfg))))(
@@ -158,15 +158,18 @@ def test_response_log_probs_equal_log_softmax_of_a_plain_forward():
     seq = rl_math.sequence_inputs(prompt_ids, prompt_seg, response, mask)
     pixels = normalize_pixels(rng.integers(0, 256, (2, 1, 16, 16, 3), dtype=np.uint8),
                               (0.5,) * 3, (0.5,) * 3)
-    logp, hidden = jax.jit(lambda p: rl_math.response_log_probs(model, p, seq, pixels, 4, 2))(
-        params)
     logits, _ = jax.jit(lambda p: model.apply(
         {"params": p}, seq["input_ids"], pixels, segment_ids=seq["segment_ids"],
         positions=seq["positions"]))(params)
-    full = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
-    expected = np.take_along_axis(full[:, 8:12], response[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(logp) * mask, expected * mask, atol=1e-4)
-    assert hidden.shape == (2, 4, model.cfg.language.embed_dim)
+    for temperature in (1.0, 1.5, 0.5):  # the policy that samples at T: softmax(logits / T)
+        logp, hidden = jax.jit(lambda p, t=temperature: rl_math.response_log_probs(
+            model, p, seq, pixels, 4, 2, t))(params)
+        full = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32) / temperature),
+                          np.float64)
+        expected = np.take_along_axis(full[:, 8:12], response[..., None], -1)[..., 0]
+        np.testing.assert_allclose(np.asarray(logp) * mask, expected * mask, atol=1e-4)
+        assert hidden.shape == (2, 4, model.cfg.language.embed_dim)
+    assert not np.allclose(np.asarray(logp) * mask, 0.0)
 
 
 # ---- a few steps through the one loop -------------------------------------------------------
@@ -331,7 +334,9 @@ def test_ppo_model_reward_scores_rollouts_with_the_frozen_reward_run(ppo_run, tm
 
 def test_grpo_steps_through_the_loop_keep_the_reference_and_sample_groups(tokenizer_path,
                                                                           tmp_path_factory):
-    cfg = rl_config("grpo", tokenizer_path, steps=2, **{"grpo.group_size": 2})
+    # Sampled at 1.5: the rollout's log-probs and the loss's both score softmax(logits / 1.5)
+    cfg = rl_config("grpo", tokenizer_path, steps=2,
+                    **{"grpo.group_size": 2, "grpo.temperature": 1.5})
     setup, history = loop.train(cfg, str(tmp_path_factory.mktemp("grpo")), log=lambda m: None)
     assert len(history) == 2
     for record in history:
@@ -341,6 +346,7 @@ def test_grpo_steps_through_the_loop_keep_the_reference_and_sample_groups(tokeni
         # 8 prompts x 2 samples
         assert record["tokens"] == record["response_length"] * 16
     assert history[0]["kl"] < 1e-6  # the policy starts as the reference
+    assert history[0]["clip_fraction"] == 0.0  # on-policy at the sampling temperature
     assert_bitwise(jax.device_get(setup.state.reference), start_params(setup))
 
 

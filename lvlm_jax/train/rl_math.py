@@ -118,10 +118,13 @@ def sequence_inputs(prompt_ids: Array, prompt_segments: Array, response: Array,
 
 
 def response_log_probs(model: Any, params: Any, batch: Mapping[str, Array], pixels: Array | None,
-                       num_response: int, chunk: int = 128) -> tuple[Array, Array]:
+                       num_response: int, chunk: int = 128, temperature: float = 1.0
+                       ) -> tuple[Array, Array]:
     """log p(response token) [b, n] and the hidden states that predict them [b, n, D], from one
     forward over prompt + response (`batch`: input_ids, segment_ids, positions; the last
-    `num_response` tokens are the response)."""
+    `num_response` tokens are the response). p is the policy that samples at `temperature`,
+    softmax(logits / temperature), so that PPO's ratios and the KL terms compare the
+    distributions the responses were drawn from (0, greedy, scores at 1)."""
     variables = model_variables(params)  # with a LoRA run's adapters, for its dense layers
     # The prompt is a prefix-LM's bidirectional prefix and an instruction-aware resampler's
     # instruction, as `generate_tokens` treats it.
@@ -136,6 +139,7 @@ def response_log_probs(model: Any, params: Any, batch: Mapping[str, Array], pixe
     # Position p - 1 + j predicts response token j.
     hidden = hidden[:, -num_response - 1:-1]
     targets = batch["input_ids"][:, -num_response:]
-    head = lambda h: model.apply(variables, h,  # noqa: E731
-                                 method=lambda m, x: m.decoder.logits_from_hidden(x))
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    head = lambda h: scale * model.apply(variables, h,  # noqa: E731
+                                         method=lambda m, x: m.decoder.logits_from_hidden(x))
     return losses.chunked_token_log_probs(hidden, head, targets, chunk), hidden

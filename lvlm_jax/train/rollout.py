@@ -123,8 +123,9 @@ def sample_and_score(params: Any, reference: Any, reward_params: Any,
     seq = sequence_inputs(prompts["prompt_ids"], prompts["prompt_segment_ids"], out["tokens"],
                           mask)
     chunk = spec.ctx.loss_chunk
-    logp, hidden = response_log_probs(model, params, seq, pixels, n, chunk)
-    ref_logp, _ = response_log_probs(model, reference, seq, pixels, n, chunk)
+    temperature = float(spec.opts.temperature)
+    logp, hidden = response_log_probs(model, params, seq, pixels, n, chunk, temperature)
+    ref_logp, _ = response_log_probs(model, reference, seq, pixels, n, chunk, temperature)
     sampled = {**seq, "pixel_values": prompts["pixel_values"], "response_mask": mask,
                "old_log_probs": logp, "ref_log_probs": ref_logp,
                "reference_ids": prompts["reference_ids"], "sample_log_probs": out["log_probs"]}

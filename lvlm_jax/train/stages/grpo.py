@@ -23,7 +23,7 @@ from lvlm_jax.train.stages.base import LossContext
 from lvlm_jax.train.stages.ppo import RolloutStage
 
 Array = jax.Array
-DEFAULTS = {"kl_coef": 0.04, "clip_eps": 0.2, "group_size": 4}
+DEFAULTS = {"kl_coef": 0.04, "clip_eps": 0.2, "group_size": 4, "temperature": 1.0}
 
 
 def _opt(cfg: Any, key: str) -> Any:
@@ -57,7 +57,7 @@ def grpo_loss(ctx: LossContext, params: Any, batch: Mapping[str, Array], rng: Ar
     cfg = ctx.config
     mask = batch["response_mask"]
     logp, _ = response_log_probs(ctx.model, params, batch, ctx.pixels(batch), mask.shape[1],
-                                 ctx.loss_chunk)
+                                 ctx.loss_chunk, float(_opt(cfg, "temperature")))
     policy, clip_fraction = ppo_policy_loss(logp, batch["old_log_probs"], batch["advantages"],
                                             mask, float(_opt(cfg, "clip_eps")))
     kl = masked_mean(kl_k3(logp, batch["ref_log_probs"]), mask)

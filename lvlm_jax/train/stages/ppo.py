@@ -31,7 +31,7 @@ DEFAULTS = {"kl_coef": 0.05, "clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 
             # False: the value loss trains the value head only. Its gradient through the
             # shared trunk moves the policy by the critic's error, which early in a run (a head
             # that has seen a few batches) is mostly noise.
-            "value_grad_to_trunk": False}
+            "value_grad_to_trunk": False, "temperature": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ def ppo_loss(ctx: LossContext, params: Any, batch: Mapping[str, Array], rng: Arr
     mask = batch["response_mask"]
     n = mask.shape[1]
     logp, hidden = response_log_probs(ctx.model, params, batch, ctx.pixels(batch), n,
-                                      ctx.loss_chunk)
+                                      ctx.loss_chunk, float(_opt(cfg, "temperature")))
     policy, clip_fraction = ppo_policy_loss(logp, batch["old_log_probs"], batch["advantages"],
                                             mask, float(_opt(cfg, "clip_eps")))
     if not bool(_opt(cfg, "value_grad_to_trunk")):
