@@ -95,7 +95,12 @@ def get_config(arg: str | None = None):
         c.train.log_every = 5
         section = c.ppo if stage == "ppo" else c.grpo
         section.max_new_tokens = 8
-        section.temperature = 1.0
+        # Sampled at 1.5 and scored at 1.5 (the policy PPO and GRPO optimise is
+        # softmax(logits / 1.5)). At 1.0 the sft model is already sharp (sampled reward ~= greedy
+        # accuracy): most groups' answers all score alike, advantages are ~0, and the held-out
+        # reward moved +0.4 to +1.5 points, within its noise; at 1.5, seed 0's ppo moved it
+        # 64.5% -> 76.2% and its greedy exact match 82.0% -> 85.9%.
+        section.temperature = 1.5
         section.reward = "rule"
         section.epochs = 2
         if stage == "grpo":
