@@ -292,6 +292,22 @@ def test_prepare_image_equals_pad_to_square_then_resize_bitwise(fmt):
             assert not batch[0].any()
 
 
+def test_prepare_image_of_an_array_already_at_size_is_a_copy_of_its_pixels():
+    # The fast path for arrays already [size, size, 3] uint8 equals the PIL path it skips.
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for mode in ("pad", "resize"):
+        got = prepare_image(pixels, 32, mode)
+        np.testing.assert_array_equal(got, resize(pad_to_square(pixels), 32))
+        assert not np.shares_memory(got, pixels)
+        batch = np.zeros((2, 32, 32, 3), np.uint8)
+        assert np.shares_memory(prepare_image(pixels, 32, mode, out=batch[1]), batch)
+        np.testing.assert_array_equal(batch[1], pixels)
+    # Other sizes, dtypes and channel counts still go through PIL
+    np.testing.assert_array_equal(prepare_image(pixels, 16), resize(pixels, 16))
+    rgba = np.concatenate([pixels, np.full((32, 32, 1), 7, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(prepare_image(rgba, 32), pixels)
+
+
 def test_prepare_image_leaves_out_pad_only_rows_without_changing_a_pixel():
     # Output rows (wide images) or columns (tall ones) that read padding only are left out of
     # the resize, which runs on a canvas with fewer pad rows or columns instead

@@ -163,7 +163,9 @@ class ModelRunner:
         if not prompts:
             return []
         context = self.model.cfg.language.max_length
-        rows = [self._render(p)[0].tolist() for p in prompts]
+        rendered: dict[str, list[int]] = {}  # benchmarks repeat questions ("what color is...")
+        rows = [rendered.get(p) or rendered.setdefault(p, self._render(p)[0].tolist())
+                for p in prompts]
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > context:
             raise ValueError(f"an eval prompt of {longest} tokens plus max_new_tokens="
