@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from test_multiprocess import free_port
 from xla_env import cpu_env
 
 from lvlm_jax.checkpoints.manager import restore_params
+from lvlm_jax.param_paths import flat_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = int(os.environ.get("LVLM_TOPOLOGY_STEPS", "8"))
@@ -109,7 +109,7 @@ def test_losses_are_the_same_on_every_topology(runs):
 def _final_params(workdir: str):
     params, step = restore_params(workdir)
     assert step == STEPS
-    return jax.tree.leaves(params)
+    return flat_paths(params)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,22 @@ def test_a_killed_two_process_run_resumes_on_another_number_of_processes(
                                [whole_losses[s] for s in range(last + 1, STEPS + 1)],
                                rtol=1e-5)
     got, want = _final_params(resumed), _final_params(whole)
+    assert got.keys() == want.keys()
     if processes > 1:
         # Every collective crosses processes (gloo), in the same order on 2 x 4 and 4 x 2.
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w)
+        for path, w in want.items():
+            np.testing.assert_array_equal(got[path], w, err_msg=path)
     else:
         # One process reduces in-process, in another order: each tensor within 1e-6 of its
-        # norm (element-wise, Adam's normalised steps make a near-zero weight's digits noise).
-        for g, w in zip(got, want, strict=True):
-            assert np.linalg.norm(g - w) <= 1e-6 * np.linalg.norm(w) + 1e-12
+        # norm. Not attention's key biases: softmax ignores q . b_k (the same for every key), so
+        # their gradient is 0 but for rounding, Adam scales that noise by 1 / eps, and their
+        # values are the reduction order's noise: both runs' only checked to be noise-sized
+        # (1% of what STEPS full Adam steps would move them).
+        lr = json.loads(open(os.path.join(whole, "config.json")).read())["optimizer"][
+            "learning_rate"]
+        for path, w in want.items():
+            if path.endswith("k_proj/bias"):
+                assert max(np.abs(w).max(), np.abs(got[path]).max()) < 0.01 * lr * STEPS, path
+            else:
+                diff = np.linalg.norm(got[path] - w)
+                assert diff <= 1e-6 * np.linalg.norm(w) + 1e-12, path
