@@ -21,7 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 # The demo's model at one layer per tower: a step of 8 rows over 2 processes' gloo collectives
 # takes ~1 s with three layers.
-COMMON = ["--config=experiments/demo.py:sft", "--config.data.batch_size=8",
+# The vision tower frozen (the demo's sft trains it): these runs test the loop, not the tower,
+# and its backward only adds compile time to every process.
+COMMON = ["--config=experiments/demo.py:sft", "--config.optimizer.freeze=['vision/.*']",
+          "--config.data.batch_size=8",
           "--config.model.language.num_layers=1", "--config.model.vision.depth=1",
           "--config.train.log_every=1", "--config.train.progress=false",
           "--config.checkpoint.every_steps=0"]

@@ -19,7 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = "--sweep=experiments/sweeps/demo_lr.py"
 # A one-layer demo model, 4 steps, checkpoints at 2 and 4, one eval at the end, a trace of
 # steps 3-4: the common overrides reach every point.
-COMMON = ["--config=experiments/demo.py:sft", "--config.train.total_steps=4",
+# The vision tower frozen (the demo's sft trains it): these runs test the loop, not the tower,
+# and its backward only adds compile time to every process.
+COMMON = ["--config=experiments/demo.py:sft", "--config.optimizer.freeze=['vision/.*']",
+          "--config.train.total_steps=4",
           "--config.data.batch_size=8", "--config.data.num_examples=64",
           "--config.model.language.num_layers=1", "--config.model.vision.depth=1",
           "--config.checkpoint.every_steps=2", "--config.train.progress=false",

@@ -28,7 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = int(os.environ.get("LVLM_TOPOLOGY_STEPS", "8"))
 KILL_AT = int(os.environ.get("LVLM_TOPOLOGY_KILL_AT", "4"))  # the killed run's last checkpoint
 EVERY = KILL_AT  # checkpoint every EVERY steps: at the kill and at the end, no more
+# The vision tower frozen (the demo's sft trains it): these runs test the loop, not the tower,
+# and its backward only adds compile time to every process.
 OVERRIDES = [
+    "--config.optimizer.freeze=['vision/.*']",
     f"--config.train.total_steps={STEPS}", "--config.train.log_every=1",
     "--config.train.progress=False", f"--config.checkpoint.every_steps={EVERY}",
     "--config.checkpoint.keep=100", "--config.evals.every_steps=0",
